@@ -1,0 +1,3 @@
+"""evomerge: evolutionary merge-recipe search for large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,261 @@
+"""Read and write mergekit YAML configs, for the methods both tools share.
+
+Reading keeps mergekit's behaviour: where a method's default differs between the tools, the
+imported recipe states mergekit's value explicitly (``MERGEKIT_DEFAULTS``), so a mergekit config
+merges to the same tensors (up to rounding: mergekit computes in the config's ``dtype``, evomerge
+always in float32). Writing turns a recipe into a mergekit config where mergekit can express it,
+including data-flow paths (as passthrough slices whose ``scale`` parameter folds the path's
+scales into the output projections), and raises :class:`ConfigError` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.errors import ConfigError, Problem
+from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, Recipe, StackRecipe, parse_recipe,
+                             stack_to_dataflow)
+
+SHARED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                  "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough")
+# parameters mergekit accepts that change nothing in the result (memory/speed switches)
+IGNORED_PARAMS = {"int8_mask"}
+# method -> {param: value} set on import to keep mergekit's behaviour. mergekit's `rescale` restores
+# each sparsified task vector's L1 norm; evomerge's default divides by the keep probability (as the
+# DARE and DELLA papers do), so imported recipes switch `rescale_l1` on. All other defaults agree.
+MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    m: {"rescale_l1": True} for m in ("dare_ties", "dare_linear", "della", "della_linear", "ties",
+                                      "breadcrumbs", "breadcrumbs_ties")
+}
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template"}
+
+
+def _params(raw: Any, where: str, problems: list[Problem]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(Problem(where, f"expected a mapping, got {raw!r}"))
+        return {}
+    return {k: v for k, v in raw.items() if k not in IGNORED_PARAMS}
+
+
+def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") -> Recipe:
+    """Convert a mergekit config mapping into an evomerge recipe (validated)."""
+    problems: list[Problem] = []
+    at = lambda key: f"{source}: {key}"  # noqa: E731
+    for key in data:
+        if key not in _TOP_KEYS:
+            problems.append(Problem(at(key), f"unknown mergekit key '{key}'"))
+    method = data.get("merge_method")
+    if method not in SHARED_METHODS:
+        problems.append(Problem(at("merge_method"), f"mergekit method '{method}' is not supported by evomerge",
+                                f"supported: {', '.join(SHARED_METHODS)}"))
+    if data.get("modules"):
+        problems.append(Problem(at("modules"), "multi-module mergekit configs are not supported"))
+    if data.get("tokenizer"):
+        problems.append(Problem(at("tokenizer"), "mergekit tokenizer building is not supported",
+                                "remove it and set `tokenizer_source: base` or a model path"))
+    tok = data.get("tokenizer_source")
+    base = data.get("base_model")
+    if tok == "union":
+        problems.append(Problem(at("tokenizer_source"), "evomerge does not build union vocabularies",
+                                "if the models share a tokenizer, use `tokenizer_source: base`"))
+    tokenizer = base if tok == "base" else (tok if tok != "union" else None)
+    dtype = data.get("out_dtype") or data.get("dtype")
+    gparams = _params(data.get("parameters"), at("parameters"), problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+
+    out: dict[str, Any]
+    if data.get("models"):
+        sources = []
+        for i, m in enumerate(data["models"]):
+            if not isinstance(m, dict) or "model" not in m:
+                problems.append(Problem(at(f"models[{i}]"), "each entry needs a `model` key"))
+                continue
+            extra = set(m) - {"model", "parameters"}
+            if extra:
+                problems.append(Problem(at(f"models[{i}]"), f"unknown key(s) {sorted(extra)}"))
+            if m["model"] == base and method != "linear":
+                continue  # mergekit passes the base separately to every base-using method
+            sources.append({"model": m["model"], "params": _params(m.get("parameters"),
+                                                                   at(f"models[{i}].parameters"), problems)})
+        out = {"kind": "merge", "method": method, "sources": sources, "params": gparams}
+        if base and method != "linear":
+            out["base"] = base
+    elif data.get("slices"):
+        slices = data["slices"]
+        if method == "passthrough":
+            stack, factors = [], []
+            for i, sl in enumerate(slices):
+                srcs = sl.get("sources", []) if isinstance(sl, dict) else []
+                if len(srcs) != 1:
+                    problems.append(Problem(at(f"slices[{i}].sources"), "a passthrough slice takes one source"))
+                    continue
+                factors.append(_folded_factor((srcs[0].get("parameters") or {}).get("scale"),
+                                              at(f"slices[{i}].sources[0].parameters.scale"), problems))
+                if sl.get("parameters"):
+                    problems.append(Problem(at(f"slices[{i}].parameters"), "slice-level parameters of a "
+                                            "passthrough merge are not imported", "remove them"))
+                stack.append({"model": srcs[0]["model"], "layers": list(srcs[0]["layer_range"])})
+            out = {"kind": "stack", "slices": stack}
+            if problems:
+                raise ConfigError(problems, source=source)
+            if any(f != 1.0 for f in factors):
+                out = _stack_with_factors(stack, factors)
+        elif len(slices) == 1:
+            sl = slices[0]
+            sources = []
+            base_layers = None
+            for i, s in enumerate(sl.get("sources", [])):
+                if s["model"] == base:
+                    base_layers = list(s["layer_range"])
+                    if method != "linear":
+                        continue
+                sources.append({"model": s["model"], "layers": list(s["layer_range"]),
+                                "params": _params(s.get("parameters"), at(f"slices[0].sources[{i}]"), problems)})
+            out = {"kind": "merge", "method": method, "sources": sources,
+                   "params": {**gparams, **_params(sl.get("parameters"), at("slices[0].parameters"), problems)}}
+            if base and method != "linear":
+                out["base"] = base
+                if base_layers:
+                    out["base_layers"] = base_layers
+        else:
+            problems.append(Problem(at("slices"), f"several output slices are supported only for passthrough "
+                                    f"(got {len(slices)} slices with '{method}')",
+                                    "merge each slice separately, or use a stack recipe"))
+            raise ConfigError(problems, source=source)
+    else:
+        problems.append(Problem(at("models"), "a mergekit config needs `models` or `slices`"))
+        raise ConfigError(problems, source=source)
+    if problems:
+        raise ConfigError(problems, source=source)
+    if out["kind"] == "merge":
+        for k, v in MERGEKIT_DEFAULTS.get(method, {}).items():
+            if k not in out["params"] and not any(k in s["params"] for s in out["sources"]):
+                out["params"][k] = v
+        if method == "passthrough" and len(out["sources"]) == 1 and "scale" in out["sources"][0]["params"]:
+            out["params"]["scale"] = out["sources"][0]["params"].pop("scale")
+    if dtype:
+        out["dtype"] = dtype
+    if tokenizer:
+        out["tokenizer"] = tokenizer
+    return parse_recipe(out, source=source)
+
+
+def _value_out(v: Any) -> Any:
+    if isinstance(v, list) and v and isinstance(v[0], ParamRule):
+        return [({"filter": r.filter} if r.filter else {}) | {"value": _value_out(r.value)} for r in v]
+    return v
+
+
+def to_mergekit(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a mergekit config mapping; :class:`ConfigError` where mergekit cannot express it."""
+    out: dict[str, Any] = {}
+    if isinstance(recipe, MergeRecipe):
+        if recipe.method not in SHARED_METHODS:
+            raise ConfigError(Problem("method", f"mergekit has no method '{recipe.method}'"))
+        out["merge_method"] = recipe.method
+        recipe = _mergekit_rescale(recipe)
+        if recipe.base:
+            out["base_model"] = recipe.base
+        if any(s.layers for s in recipe.sources):
+            srcs = [{"model": s.model, "layer_range": list(s.layers)}
+                    | ({"parameters": {k: _value_out(v) for k, v in s.params.items()}} if s.params else {})
+                    for s in recipe.sources]
+            if recipe.base:
+                srcs.append({"model": recipe.base, "layer_range": list(recipe.base_layers or recipe.sources[0].layers)})
+            out["slices"] = [{"sources": srcs}]
+        else:
+            out["models"] = [{"model": s.model}
+                             | ({"parameters": {k: _value_out(v) for k, v in s.params.items()}} if s.params else {})
+                             for s in recipe.sources]
+        if recipe.params:
+            out["parameters"] = {k: _value_out(v) for k, v in recipe.params.items()}
+    else:
+        path = stack_to_dataflow(recipe) if isinstance(recipe, StackRecipe) else recipe
+        out["merge_method"] = "passthrough"
+        out["slices"] = _path_slices(path)
+        head = path.head or path.embed
+        if path.embed != path.path[0].model or head != path.path[-1].model:
+            raise ConfigError(Problem("embed/head", "mergekit passthrough takes the embeddings from the first "
+                                      "slice's model and the head from the last slice's model; this recipe "
+                                      "takes them elsewhere", "export in evomerge format instead"))
+    dtype = recipe.dtype
+    if dtype:
+        out["dtype"] = dtype
+    if recipe.tokenizer:
+        out["tokenizer_source"] = recipe.tokenizer
+    return out
+
+
+def _path_slices(path: DataFlowRecipe) -> list[dict[str, Any]]:
+    """Group a layer path into runs of consecutive layers of one model with one folded factor."""
+    from evomerge.dataflow import RESIDUAL_WRITERS, cumulative_scales
+
+    cum = cumulative_scales([s.scale for s in path.path])
+    slices: list[dict[str, Any]] = []
+    run_start = 0
+    for k in range(1, len(path.path) + 1):
+        prev = path.path[k - 1]
+        if k < len(path.path):
+            cur = path.path[k]
+            if cur.model == prev.model and cur.layer == prev.layer + 1 and cum[k] == cum[k - 1]:
+                continue
+        first = path.path[run_start]
+        sl: dict[str, Any] = {"sources": [{"model": first.model, "layer_range": [first.layer, prev.layer + 1]}]}
+        if cum[run_start] != 1.0:
+            factor = 1.0 / cum[run_start]
+            writers = sorted({w.split(".")[1] for arch in RESIDUAL_WRITERS.values() for w in arch})
+            sl["sources"][0]["parameters"] = {"scale": [{"filter": w, "value": factor} for w in writers]
+                                              + [{"value": 1.0}]}
+        slices.append(sl)
+        run_start = k
+    return slices
+
+
+def _folded_factor(scale: Any, where: str, problems: list[Problem]) -> float:
+    """The factor of a passthrough ``scale`` that multiplies only the residual writers, as written by
+    :func:`to_mergekit`: ``[{filter: o_proj, value: f}, {filter: down_proj, value: f}, {value: 1}]``."""
+    if scale is None or scale == 1 or scale == 1.0:
+        return 1.0
+    if isinstance(scale, list):
+        rules = {r.get("filter"): r.get("value") for r in scale if isinstance(r, dict)}
+        vals = {rules.get("o_proj"), rules.get("down_proj")}
+        if set(rules) == {"o_proj", "down_proj", None} and rules[None] == 1 and len(vals) == 1:
+            f = vals.pop()
+            if isinstance(f, (int, float)) and f > 0:
+                return float(f)
+    problems.append(Problem(where, f"only residual-writer scales (o_proj/down_proj, default 1) are imported; "
+                            f"got {scale!r}", "remove the scale parameter or express it as a dataflow recipe"))
+    return 1.0
+
+
+def _stack_with_factors(stack: list[dict[str, Any]], factors: list[float]) -> dict[str, Any]:
+    """A data-flow recipe whose cumulative scales reproduce per-slice residual-writer factors."""
+    path, prev_c = [], 1.0
+    for sl, f in zip(stack, factors):
+        c = 1.0 / f
+        for j, layer in enumerate(range(*sl["layers"])):
+            path.append({"model": sl["model"], "layer": layer, "scale": (c / prev_c) if j == 0 else 1.0})
+        prev_c = c
+    return {"kind": "dataflow", "path": path, "embed": stack[0]["model"], "head": stack[-1]["model"]}
+
+
+def _mergekit_rescale(recipe: MergeRecipe) -> MergeRecipe:
+    """Drop ``rescale_l1`` (mergekit's rescale is always the L1 one); refuse what mergekit cannot do."""
+    from evomerge.methods import get_method
+
+    spec = get_method(recipe.method)
+    if spec.param("rescale_l1") is None:
+        return recipe
+    rescale = recipe.params.get("rescale", spec.param("rescale").default)
+    l1 = recipe.params.get("rescale_l1", spec.param("rescale_l1").default)
+    if rescale and not l1:
+        raise ConfigError(Problem("params.rescale", f"this {recipe.method} recipe rescales kept entries by "
+                                  "1/keep-probability, which mergekit cannot express (its rescale restores "
+                                  "the L1 norm)", "set `rescale_l1: true` (mergekit's behaviour) or "
+                                  "`rescale: false`, or export in evomerge format"))
+    params = {k: v for k, v in recipe.params.items() if k != "rescale_l1"}
+    return recipe.model_copy(update={"params": params})

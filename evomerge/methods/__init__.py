@@ -1,0 +1,18 @@
+"""Merge methods, one module each; importing this package registers them all."""
+
+from evomerge.methods.registry import MethodSpec, ParamSpec, get_method, method_names, register_method
+
+# Each import registers its method(s) with the registry.
+from evomerge.methods import (  # noqa: E402,F401  isort: skip
+    linear,
+    task_arithmetic,
+    ties,
+    dare,
+    breadcrumbs,
+    della,
+    slerp,
+    model_stock,
+    passthrough,
+)
+
+__all__ = ["MethodSpec", "ParamSpec", "get_method", "method_names", "register_method"]

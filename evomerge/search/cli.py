@@ -1,0 +1,216 @@
+"""`evomerge search | resume | status | export | report | rescore`: thin wrappers over the library.
+
+Each ``*_command`` takes plain arguments and returns an exit code; errors are raised as
+:class:`~evomerge.errors.EvomergeError` for the main CLI to print (exit 2). ``register(subparsers)``
+adds the subcommands to an argparse parser (``evomerge.cli`` appends it to ``_EXTRA_COMMANDS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evomerge.errors import ConfigError, Problem
+
+
+def _summary(result) -> None:
+    for stage, s in result.stages.items():
+        best = "" if s["best_trial"] is None else f", best trial {s['best_trial']} ({s['best_utility']:.4g})"
+        print(f"[{stage}] {s['finished']}/{s['budget']} trials{best}", file=sys.stderr)
+    if not result.complete:
+        print(f"stopped before the budget was spent; continue with `evomerge resume {result.study_dir}`",
+              file=sys.stderr)
+    print(f"results in {result.study_dir}", file=sys.stderr)
+
+
+def _duration(text: str | None) -> float | None:
+    from evomerge.search.space import parse_duration
+
+    return parse_duration(text)
+
+
+def _ray_executor(space, study_dir, workers: int | None, ray: dict | None):
+    """A :class:`RayExecutor` when ``--workers`` > 1, ``--address`` or ``$RAY_ADDRESS`` ask for one."""
+    import os
+
+    ray = dict(ray or {})
+    if not (ray.get("address") or os.environ.get("RAY_ADDRESS") or (workers or 1) > 1):
+        return None
+    from evomerge.workers.ray_executor import RayExecutor
+
+    return RayExecutor.for_space(space, workers=workers if (workers or 1) > 1 else None,
+                                 log_dir=study_dir, **ray)
+
+
+def search_command(space: str, study_dir: str | None = None, *, trials: int | None = None,
+                   timeout: str | None = None, storage: str | None = None, workers: int = 1,
+                   limit: int | None = None, quiet: bool = False, ray: dict | None = None) -> int:
+    from evomerge.search.driver import start_search
+    from evomerge.search.space import load_space
+
+    loaded = load_space(space)
+    if study_dir is None:
+        study_dir = str(Path("results") / loaded.name)
+    executor = _ray_executor(loaded, study_dir, workers, ray)
+    try:
+        result = start_search(space, study_dir, storage=storage, trials=trials, timeout=_duration(timeout),
+                              workers=workers, limit=limit, progress=not quiet, executor=executor)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    _summary(result)
+    return 0
+
+
+def resume_command(study_dir: str, *, trials: int | None = None, timeout: str | None = None,
+                   storage: str | None = None, workers: int | None = None, quiet: bool = False,
+                   ray: dict | None = None) -> int:
+    from evomerge.search.driver import open_study_space, resume_search
+    from evomerge.search.study import read_meta
+
+    n = workers if workers is not None else read_meta(Path(study_dir)).workers
+    executor = _ray_executor(open_study_space(Path(study_dir)), study_dir, n, ray)
+    try:
+        result = resume_search(study_dir, storage=storage, trials=trials, timeout=_duration(timeout),
+                               workers=workers, progress=not quiet, executor=executor)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    _summary(result)
+    return 0
+
+
+def _add_ray_options(p) -> None:
+    g = p.add_argument_group("Ray workers (used with --workers N > 1, --address or $RAY_ADDRESS)")
+    g.add_argument("--address", default=None,
+                   help="existing Ray cluster, e.g. ray://head:10001 (default $RAY_ADDRESS, else a local instance)")
+    g.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker, fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    g.add_argument("--ray-sources", choices=["shared", "object-store"], default="shared",
+                   help="workers read models from paths all nodes share, or get them from the driver")
+    g.add_argument("--ray-residency", choices=["device", "host"], default="device",
+                   help="sources on each worker's device, or in host memory streamed per tensor (big models)")
+    g.add_argument("--ray-max-retries", type=int, default=2,
+                   help="retries of a candidate whose worker died or ran out of memory (default 2)")
+    g.add_argument("--ray-dashboard", action="store_true", help="start the Ray dashboard (local instance)")
+
+
+def _ray_args(a) -> dict:
+    return {"address": a.address, "gpus_per_worker": a.ray_gpus_per_worker, "cpus_per_worker": a.ray_cpus_per_worker,
+            "sources": a.ray_sources, "residency": a.ray_residency, "max_retries": a.ray_max_retries,
+            "dashboard": a.ray_dashboard}
+
+
+def status_command(study_dir: str, *, as_json: bool = False) -> int:
+    from evomerge.search.report import format_status, status
+
+    st = status(study_dir)
+    print(json.dumps(st, indent=2) if as_json else format_status(st))
+    return 0
+
+
+def export_command(study_dir: str, out: str, *, trial: int | None = None, best: bool = False,
+                   objective: str | None = None, fmt: str = "evomerge", stage: str | None = None) -> int:
+    from evomerge.search.report import export_recipe
+
+    if trial is not None and (best or objective):
+        raise ConfigError(Problem("export", "give either --trial N or --best [--objective X], not both"))
+    path = export_recipe(study_dir, out, trial=trial, objective=objective, fmt=fmt, stage=stage)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def report_command(study_dir: str) -> int:
+    from evomerge.search.report import write_report
+
+    for p in write_report(study_dir):
+        print(p)
+    return 0
+
+
+def rescore_command(study_dir: str, *, force: bool = False) -> int:
+    from evomerge.search.driver import rescore_study
+
+    n = rescore_study(study_dir, force=force)
+    print(f"re-scored {n} trial(s) on the held-out split; report updated", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    """Add the search subcommands to an ``argparse`` subparsers object."""
+    p = sub.add_parser("search", help="run an evolutionary merge search from a search space YAML")
+    p.add_argument("space", help="search space YAML (see search_spaces/)")
+    p.add_argument("--study-dir", default=None, help="results folder (default results/<space name>)")
+    p.add_argument("--trials", type=int, default=None, help="trial budget (default: the YAML's budget.trials)")
+    p.add_argument("--timeout", default=None, help="stop after this long, e.g. 8h, 45m (resume continues)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default sqlite:///<study-dir>/study.db; postgresql://... works)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="candidates scored at once: N > 1 starts N Ray workers (default 1, in-process)")
+    p.add_argument("--limit", type=int, default=None, help="score at most N items per task (quick runs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_ray_options(p)
+    p.set_defaults(func=lambda a: search_command(a.space, a.study_dir, trials=a.trials, timeout=a.timeout,
+                                                 storage=a.storage, workers=a.workers, limit=a.limit,
+                                                 quiet=a.quiet, ray=_ray_args(a)))
+
+    p = sub.add_parser("resume", help="continue a search after Ctrl-C or a crash, or extend its budget")
+    p.add_argument("study_dir")
+    p.add_argument("--trials", type=int, default=None, help="new total trial budget")
+    p.add_argument("--timeout", default=None)
+    p.add_argument("--storage", default=None, help="override the storage URL recorded in study.json")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_ray_options(p)
+    p.set_defaults(func=lambda a: resume_command(a.study_dir, trials=a.trials, timeout=a.timeout,
+                                                 storage=a.storage, workers=a.workers, quiet=a.quiet,
+                                                 ray=_ray_args(a)))
+
+    p = sub.add_parser("status", help="trials done / failed / running, best so far, front size, ETA")
+    p.add_argument("study_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=lambda a: status_command(a.study_dir, as_json=a.json))
+
+    p = sub.add_parser("export", help="write a trial's recipe (default: the best) as evomerge or mergekit YAML")
+    p.add_argument("study_dir")
+    p.add_argument("-o", "--out", required=True, help="recipe file to write")
+    p.add_argument("--trial", type=int, default=None, help="trial number")
+    p.add_argument("--best", action="store_true", help="the best trial (the default)")
+    p.add_argument("--objective", default=None, help="with --best: best by this objective")
+    p.add_argument("--format", dest="fmt", choices=["evomerge", "mergekit"], default="evomerge")
+    p.add_argument("--stage", default=None, help="ps or dfs (two-stage studies; default the last)")
+    p.set_defaults(func=lambda a: export_command(a.study_dir, a.out, trial=a.trial, best=a.best,
+                                                 objective=a.objective, fmt=a.fmt, stage=a.stage))
+
+    p = sub.add_parser("report", help="write trials.csv, pareto.csv, pareto.png and best recipes")
+    p.add_argument("study_dir")
+    p.set_defaults(func=lambda a: report_command(a.study_dir))
+
+    p = sub.add_parser("rescore", help="re-score the Pareto front and baselines on the held-out split")
+    p.add_argument("study_dir")
+    p.add_argument("--force", action="store_true", help="score again trials already re-scored")
+    p.set_defaults(func=lambda a: rescore_command(a.study_dir, force=a.force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m evomerge.search.cli``) until the main CLI registers these."""
+    from evomerge.errors import EvomergeError
+
+    parser = argparse.ArgumentParser(prog="evomerge-search")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EvomergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with `evomerge resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

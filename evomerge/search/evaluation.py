@@ -1,0 +1,212 @@
+"""The evaluation contract the search driver calls, the evaluator registry, and a cheap built-in
+evaluator with a known optimum.
+
+An evaluator scores one candidate recipe on a split (``"search"`` or ``"held-out"``), optionally on
+a deterministic subsample (``fidelity`` in (0, 1]: the same fraction always gives the same items,
+and a larger fraction contains a smaller one) and at most ``limit`` items per task::
+
+    class Evaluator(Protocol):
+        def metric_names(self) -> list[str]            # scores it reports, e.g. tasks + "combined"
+        def split_size(self, split: str) -> int | None  # items in the split, all tasks (None: unknown)
+        def evaluate(self, recipe, *, split, fidelity=1.0, limit=None) -> EvalOutcome
+
+Evaluators are built from the search space's ``evaluation:`` mapping by the factory registered for
+its ``kind`` (:func:`register_evaluator`), once per worker, so a Ray worker can build its own. The
+task-suite evaluator (kind ``suite``) is :mod:`evomerge.search.suite_eval`; ``weights`` (below)
+is built in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from evomerge.errors import ConfigError, Problem
+from evomerge.recipe import Recipe, model_refs
+
+SPLITS = ("search", "held-out")
+
+
+@dataclass
+class EvalOutcome:
+    """Scores of one candidate: per metric value, sample size and standard error."""
+
+    scores: dict[str, float]
+    n: dict[str, int] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    worker: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": dict(self.scores), "n": dict(self.n), "stderr": dict(self.stderr),
+                "seconds": self.seconds, "worker": self.worker}
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    def metric_names(self) -> list[str]: ...
+
+    def split_size(self, split: str) -> int | None: ...
+
+    def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
+                 limit: int | None = None) -> EvalOutcome: ...
+
+
+EvaluatorFactory = Callable[[dict[str, Any]], Evaluator]
+_FACTORIES: dict[str, EvaluatorFactory] = {}
+# modules imported (once) to let a kind register itself when it is first asked for
+_PROVIDERS = {"suite": "evomerge.search.suite_eval"}
+
+
+def register_evaluator(kind: str) -> Callable[[EvaluatorFactory], EvaluatorFactory]:
+    """Decorator: ``factory(config: dict) -> Evaluator`` for ``evaluation: {kind: <kind>, ...}``.
+
+    ``config`` is the mapping without ``kind``; the factory must raise :class:`ConfigError` for
+    unknown keys and missing files.
+    """
+
+    def deco(factory: EvaluatorFactory) -> EvaluatorFactory:
+        _FACTORIES[kind] = factory
+        return factory
+
+    return deco
+
+
+def evaluator_kind(config: dict[str, Any]) -> str:
+    return str(config.get("kind") or ("suite" if "suite" in config else "weights"))
+
+
+def make_evaluator(config: dict[str, Any], *, source: str = "evaluation") -> Evaluator:
+    """Build the evaluator an ``evaluation:`` mapping asks for."""
+    kind = evaluator_kind(config)
+    if kind not in _FACTORIES and kind in _PROVIDERS:
+        try:
+            importlib.import_module(_PROVIDERS[kind])
+        except ImportError:
+            pass
+    if kind not in _FACTORIES:
+        raise ConfigError(Problem(f"{source}.kind", f"evaluator kind '{kind}' is not available",
+                                  f"use one of: {', '.join(sorted(_FACTORIES)) or 'none'}"))
+    return _FACTORIES[kind]({k: v for k, v in config.items() if k != "kind"})
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+def subsample(items: list, fraction: float, seed: int = 0) -> list:
+    """A deterministic fraction of ``items`` (nested: a larger fraction contains a smaller one)."""
+    if fraction >= 1:
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    k = max(1, math.ceil(fraction * len(items)))
+    return [items[i] for i in sorted(order[:k])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the weight-distance evaluator
+
+
+class WeightDistanceEvaluator:
+    """Scores a candidate by how close its merged weights are to a target checkpoint's.
+
+    Per tensor: ``score = -||merged - target||^2 / ||target||^2`` (0 is a perfect match; a tensor the
+    candidate lacks, or with another shape, scores -1). Tensors are grouped by name filter (default
+    ``attn: self_attn``, ``mlp: mlp``, ``other``: the rest); a group's score is the mean over its
+    tensors, ``combined`` the mean over groups. The ``search`` split holds the target's tensors at
+    even positions of its sorted name list, ``held-out`` the odd ones; ``fidelity`` subsamples a
+    split's tensors (only those are materialized). A target built by a known recipe is a known
+    optimum: the merge that reproduces it scores 0. Cheap, exact and deterministic: for tests,
+    benchmarks of the search itself, and demonstrations.
+
+    Options: ``target`` (checkpoint path, required), ``groups`` ({name: filter}), ``device``.
+    """
+
+    def __init__(self, target: str, groups: dict[str, str] | None = None, device: str = "cpu"):
+        from evomerge.checkpoint import Checkpoint
+
+        self.target = Checkpoint.open(target)
+        self.groups = dict(groups or {"attn": "self_attn", "mlp": "mlp"})
+        self.device = device
+        self._models: dict[str, Any] = {}
+        names = sorted(self.target.names)
+        self.splits = {"search": names[0::2], "held-out": names[1::2]}
+
+    def group_of(self, name: str) -> str:
+        for g, filt in self.groups.items():
+            if filt in name:
+                return g
+        return "other"
+
+    def metric_names(self) -> list[str]:
+        return [*self.groups, "other", "combined"]
+
+    def split_size(self, split: str) -> int | None:
+        return len(self.splits[split])
+
+    def _open(self, recipe: Recipe) -> dict[str, Any]:
+        from evomerge.checkpoint import Checkpoint
+
+        for ref in model_refs(recipe):
+            if ref not in self._models:
+                self._models[ref] = Checkpoint.open(ref)
+        return {ref: self._models[ref] for ref in model_refs(recipe)}
+
+    def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
+                 limit: int | None = None) -> EvalOutcome:
+        import time
+
+        import torch
+
+        from evomerge.materialize import plan_recipe
+
+        start = time.perf_counter()
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        names = subsample(self.splits[split], fidelity)
+        if limit is not None:
+            names = names[:limit]
+        plan = plan_recipe(recipe, self._open(recipe))
+        planned = {t.name: t for t in plan.tensors}
+        per_group: dict[str, list[float]] = {}
+        dev = torch.device(self.device)
+        for name in names:
+            want = self.target.read(name, device=dev).float()
+            t = planned.get(name)
+            if t is None or tuple(t.shape) != tuple(want.shape):
+                err = 1.0
+            else:
+                got = t.compute(dev).float()
+                err = float(((got - want) ** 2).sum() / (want.pow(2).sum() + 1e-12))
+            per_group.setdefault(self.group_of(name), []).append(-err)
+        scores, n, se = {}, {}, {}
+        for g, vals in per_group.items():
+            scores[g] = sum(vals) / len(vals)
+            n[g] = len(vals)
+            var = sum((v - scores[g]) ** 2 for v in vals) / max(len(vals) - 1, 1)
+            se[g] = math.sqrt(var / len(vals))
+        scores["combined"] = sum(scores.values()) / len(scores)
+        n["combined"] = sum(n.values())
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
+
+
+@register_evaluator("weights")
+def _weights_factory(config: dict[str, Any]) -> Evaluator:
+    allowed = {"target", "groups", "device"}
+    problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(allowed))}")
+                for k in config if k not in allowed]
+    if not isinstance(config.get("target"), str):
+        problems.append(Problem("evaluation.target", "required key 'target' (a checkpoint path) is missing"))
+    if problems:
+        raise ConfigError(problems)
+    from evomerge.search.space import resolve_ref
+
+    return WeightDistanceEvaluator(resolve_ref(config["target"]), config.get("groups"),
+                                   config.get("device", "cpu"))

@@ -1,0 +1,364 @@
+"""Checkpoint reading and the streaming writer, on real files (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.checkpoint import (INDEX_FILE, Checkpoint, CheckpointWriter, TensorSpec, check_compatible,
+                                 layer_tensor_name, parse_size, split_layer_name)
+from evomerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from evomerge.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tensors(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (50, 16), "model.layers.0.mlp.up_proj.weight": (32, 16),
+              "model.layers.0.input_layernorm.weight": (16,), "model.layers.1.mlp.up_proj.weight": (32, 16),
+              "model.norm.weight": (16,), "scalar": (), "empty": (0, 4)}
+    return {n: (torch.randn(s, generator=g) * 3).to(dtype) for n, s in shapes.items()}
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], shard_size, order=None, **kw) -> Path:
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with CheckpointWriter(out, specs, shard_size=shard_size, metadata={"who": "test"}, **kw) as w:
+        for n in order or tensors:
+            w.write(n, tensors[n])
+        return w.finish(config={"model_type": "llama", "num_hidden_layers": 2},
+                        extra_files={"recipe.yaml": "method: linear\n"})
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size(" 2 kib ") == 2048
+    assert parse_size(123) == 123
+    assert parse_size("77") == 77
+    for bad in ("5 parsecs", "", "-1GB", 0, True, 1.5):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_layer_names():
+    assert split_layer_name("model.layers.3.mlp.up_proj.weight") == ("model.layers", 3, "mlp.up_proj.weight")
+    assert split_layer_name("transformer.h.11.attn.c_attn.weight") == ("transformer.h", 11, "attn.c_attn.weight")
+    assert split_layer_name("layers.0.w") == ("layers", 0, "w")
+    assert split_layer_name("model.embed_tokens.weight") is None
+    assert split_layer_name("model.norm.weight") is None
+    assert layer_tensor_name("model.layers", 7, "self_attn.q_proj.weight") == "model.layers.7.self_attn.q_proj.weight"
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shard_size", ["1GB", 2100])
+def test_round_trip_bit_exact(tmp_path, dtype, shard_size):
+    tensors = _tensors(dtype)
+    order = list(reversed(tensors))  # any write order
+    out = _write(tmp_path / "m", tensors, shard_size, order=order)
+    assert _leftovers(tmp_path) == []
+    files = sorted(p.name for p in out.iterdir())
+    assert "config.json" in files and (out / "recipe.yaml").read_text() == "method: linear\n"
+    ck = Checkpoint.open(out)
+    assert set(ck.names) == set(tensors) and ck.num_layers == 2 and ck.model_type == "llama"
+    loaded: dict[str, torch.Tensor] = {}
+    shards = [f for f in files if f.endswith(".safetensors")]
+    for f in shards:
+        loaded.update(load_file(out / f))  # the reference reader accepts every shard
+        raw = (out / f).read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert n % 8 == 0
+        assert json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt", "who": "test"}
+    for name, t in tensors.items():
+        got = ck.read(name)
+        assert got.dtype == dtype and got.shape == t.shape and ck.shape(name) == tuple(t.shape)
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        assert torch.equal(loaded[name], t)
+        assert ck.dtype(name) == dtype and ck.nbytes(name) == t.numel() * t.element_size()
+    if shard_size == "1GB":
+        assert shards == ["model.safetensors"] and INDEX_FILE not in files
+    else:
+        assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+        index = json.loads((out / INDEX_FILE).read_text())
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert set(index["weight_map"]) == set(tensors)
+        for name, f in index["weight_map"].items():
+            assert name in load_file(out / f)
+
+
+def test_shard_layout_in_order_and_oversized_tensor_alone(tmp_path):
+    tensors = {"a": torch.zeros(100), "big": torch.ones(1000), "b": torch.zeros(100), "c": torch.zeros(100)}
+    out = _write(tmp_path / "m", tensors, 1000)  # 400-byte, 4000-byte, 400, 400 tensors
+    wm = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert wm["a"] != wm["big"] != wm["b"] and wm["b"] == wm["c"]
+    assert [wm[n][:11] for n in ("a", "big", "b")] == ["model-00001", "model-00002", "model-00003"]
+
+
+def test_writer_checks_what_it_is_given(tmp_path):
+    specs = [TensorSpec("w", (2, 3), torch.bfloat16), TensorSpec("v", (4,), torch.float32)]
+    with pytest.raises(CheckpointError, match="listed twice"):
+        CheckpointWriter(tmp_path / "dup", specs + specs[:1], shard_size=100)
+    with CheckpointWriter(tmp_path / "m", specs, shard_size=100) as w:
+        with pytest.raises(CheckpointError, match=r"'w'.*\[2, 3\] torch.float32.*spec says \[2, 3\] torch.bfloat16"):
+            w.write("w", torch.zeros(2, 3))
+        with pytest.raises(CheckpointError, match=r"'w'.*\[3, 2\]"):
+            w.write("w", torch.zeros(3, 2, dtype=torch.bfloat16))
+        with pytest.raises(CheckpointError, match="'nope' was not declared"):
+            w.write("nope", torch.zeros(1))
+        w.write("w", torch.zeros(2, 3, dtype=torch.bfloat16))
+        with pytest.raises(CheckpointError, match="written twice"):
+            w.write("w", torch.zeros(2, 3, dtype=torch.bfloat16))
+        with pytest.raises(CheckpointError, match=r"never written.*'v'"):
+            w.finish(config={})
+    assert not (tmp_path / "m").exists() and _leftovers(tmp_path) == []
+    with pytest.raises(CheckpointError, match="without finish"):
+        with CheckpointWriter(tmp_path / "m", specs, shard_size=100):
+            pass
+    assert not (tmp_path / "m").exists() and _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- atomicity
+
+
+def test_exception_inside_with_leaves_nothing(tmp_path):
+    tensors = _tensors(torch.float32)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", specs, shard_size=1000) as w:
+            w.write("model.norm.weight", tensors["model.norm.weight"])
+            assert _leftovers(tmp_path)  # the temp dir exists while writing, next to OUT
+            raise RuntimeError("boom")
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_refused_at_construction_unless_overwrite(tmp_path):
+    tensors = _tensors(torch.float32)
+    out = _write(tmp_path / "m", tensors, "1GB")
+    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+        CheckpointWriter(out, [TensorSpec("x", (1,), torch.float32)], shard_size=10)
+    assert _leftovers(tmp_path) == []  # refused before creating anything
+    new = {k: v + 1 for k, v in tensors.items()}
+    _write(out, new, 2000, overwrite=True)
+    assert _leftovers(tmp_path) == []
+    ck = Checkpoint.open(out)
+    assert torch.equal(ck.read("model.norm.weight"), new["model.norm.weight"])
+    assert not (out / "model.safetensors").exists()  # the old single file went with the old OUT
+
+
+def test_failed_overwrite_keeps_old_out(tmp_path):
+    tensors = _tensors(torch.float32)
+    out = _write(tmp_path / "m", tensors, "1GB")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with pytest.raises(ValueError):
+        with CheckpointWriter(out, specs, shard_size=100, overwrite=True) as w:
+            for n, t in tensors.items():
+                w.write(n, t * 2)
+            raise ValueError("merge kernel failed")
+    with pytest.raises(CheckpointError):  # incomplete write: finish refuses, old OUT stays
+        with CheckpointWriter(out, specs, shard_size=100, overwrite=True) as w:
+            w.write("scalar", tensors["scalar"])
+            w.finish(config={})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+def test_tied_embeddings(tmp_path):
+    path = build_tiny_model(tmp_path / "tied", arch="llama", tie_word_embeddings=True, num_layers=2)
+    ck = Checkpoint.open(path)
+    assert ck.tie_word_embeddings and "lm_head.weight" not in ck.names
+    assert ck.has("lm_head.weight") and not ck.has("lm_head.bias")
+    assert ck.embedding_name == "model.embed_tokens.weight"
+    assert torch.equal(ck.read("lm_head.weight"), ck.read("model.embed_tokens.weight"))
+    assert ck.shape("lm_head.weight") == ck.shape("model.embed_tokens.weight")
+    untied = Checkpoint.open(build_tiny_model(tmp_path / "untied", arch="llama", num_layers=2))
+    assert not untied.tie_word_embeddings and "lm_head.weight" in untied.names
+    assert not torch.equal(untied.read("lm_head.weight"), untied.read("model.embed_tokens.weight"))
+    check_compatible({"tied": ck, "untied": untied})  # a tied head counts as present
+
+
+# ----------------------------------------------------------------------------- damaged inputs
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    path = build_tiny_model(tmp_path_factory.mktemp("s") / "m", arch="llama", num_layers=2,
+                            max_shard_size="60KB")
+    assert len(_shards(path)) >= 3
+    return path
+
+
+def _shards(d: Path) -> list[str]:
+    return sorted(set(json.loads((d / INDEX_FILE).read_text())["weight_map"].values()))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_missing_config(tmp_path, sharded):
+    d = _copy(sharded, tmp_path / "m")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"m: config.json is missing"):
+        Checkpoint.open(d)
+
+
+def test_missing_shard(tmp_path, sharded):
+    d = _copy(sharded, tmp_path / "m")
+    victim = _shards(d)[1]
+    (d / victim).unlink()
+    with pytest.raises(CheckpointError, match=rf"m: shard {victim} named by .*tensor '.*'.*missing"):
+        Checkpoint.open(d)
+
+
+def test_index_names_tensor_absent_from_shard(tmp_path, sharded):
+    d = _copy(sharded, tmp_path / "m")
+    index = json.loads((d / INDEX_FILE).read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = _shards(d)[0]
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.extra.weight' is listed in .* does not hold it"):
+        Checkpoint.open(d)
+
+
+def test_truncated_shard(tmp_path, sharded):
+    d = _copy(sharded, tmp_path / "m")
+    victim = _shards(d)[-1]
+    shard = d / victim
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=rf"m: {victim} is truncated: tensor '.*' ends at byte {len(data)}"):
+        Checkpoint.open(d)
+    shard.write_bytes(data[:20])  # cut inside the header
+    with pytest.raises(CheckpointError, match=rf"{victim} claims a \d+-byte header"):
+        Checkpoint.open(d)
+
+
+def test_unparsable_header(tmp_path, sharded):
+    d = _copy(sharded, tmp_path / "m")
+    victim = _shards(d)[0]
+    shard = d / victim
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"{{{{"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"m: unparsable safetensors header in {victim}"):
+        Checkpoint.open(d)
+
+
+def test_pickled_checkpoint_refused(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pickled.*pytorch_model.bin.*safe_serialization=True"):
+        Checkpoint.open(d)
+    (d / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        Checkpoint.open(d)
+
+
+def test_bad_refs(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        Checkpoint.open(tmp_path / "nowhere")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        Checkpoint.open(tmp_path / "file.txt")
+    # conftest sets HF_HUB_OFFLINE=1: a hub id must fail fast with a clear message, not hang
+    with pytest.raises(CheckpointError, match=r"evomerge-test/no-such-model: .*Hugging Face hub failed"):
+        Checkpoint.open("evomerge-test/no-such-model")
+
+
+def test_unknown_tensor_read(sharded):
+    ck = Checkpoint.open(sharded)
+    with pytest.raises(CheckpointError, match=r"no tensor 'model.nope'"):
+        ck.read("model.nope")
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def test_incompatible_shapes_named(tmp_path):
+    a = Checkpoint.open(build_tiny_model(tmp_path / "a", num_layers=2, intermediate_size=128))
+    b = Checkpoint.open(build_tiny_model(tmp_path / "b", num_layers=2, intermediate_size=96))
+    check_compatible({"a": a, "a2": Checkpoint.open(a.path)})
+    with pytest.raises(IncompatibleModelsError) as err:
+        check_compatible({"base": a, "other": b})
+    msg = str(err.value)
+    assert "other: tensor 'model.layers.0.mlp.up_proj.weight' has shape [96, 64], base has [128, 64]" in msg
+    assert "self_attn" not in msg  # only the differing tensors are listed
+
+
+def test_incompatible_archs_and_layers(tmp_path):
+    a = Checkpoint.open(build_tiny_model(tmp_path / "a", arch="llama", num_layers=2))
+    m = Checkpoint.open(build_tiny_model(tmp_path / "m", arch="mistral", num_layers=2))
+    q = Checkpoint.open(build_tiny_model(tmp_path / "q", arch="llama", num_layers=3))
+    with pytest.raises(IncompatibleModelsError, match=r"mis: architecture mistral \['MistralForCausalLM'\] "
+                                                       r"differs from lla: llama \['LlamaForCausalLM'\]"):
+        check_compatible({"lla": a, "mis": m})
+    with pytest.raises(IncompatibleModelsError, match=r"deep: tensor 'model.layers.2.mlp.down_proj.weight' is not in lla"):
+        check_compatible({"lla": a, "deep": q})
+
+
+# ----------------------------------------------------------------------------- streaming memory
+
+
+_STREAM = textwrap.dedent("""
+    import resource, sys, torch
+    from evomerge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec
+    out, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    numel = mb * 2**20 // 4
+    specs = [TensorSpec(f"t{i}", (numel // 1024, 1024), torch.float32) for i in range(n)]
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.full((8,), 1.0)  # warm up torch before the baseline
+    base = rss()
+    with CheckpointWriter(out, specs, shard_size=3 * mb * 2**20) as w:
+        for i, s in enumerate(reversed(specs)):
+            w.write(s.name, torch.full(s.shape, float(len(specs) - 1 - i)))
+        w.finish(config={"model_type": "test"})
+    wrote = rss() - base
+    ck = Checkpoint.open(out)
+    for s in specs:
+        t = ck.read(s.name)
+        assert t[0, 0].item() == t[-1, -1].item() == float(s.name[1:]), s.name
+        del t
+    print(wrote, rss() - base)
+""")
+
+
+def test_streaming_peak_memory_is_one_tensor(tmp_path):
+    n, mb = 8, 32
+    res = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path / "big"), str(n), str(mb)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    wrote, total = (int(x) for x in res.stdout.split())
+    largest = mb * 2**20
+    # Holding a shard (3 tensors) or the model (8) would show; one tensor plus slack is all we allow.
+    assert wrote < 2.2 * largest, f"write peak +{wrote / 2**20:.0f} MiB for {n} x {mb} MiB tensors"
+    assert total < 2.2 * largest, f"read peak +{total / 2**20:.0f} MiB for {n} x {mb} MiB tensors"
+    assert len([p for p in (tmp_path / "big").iterdir() if p.suffix == ".safetensors"]) == 3

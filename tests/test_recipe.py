@@ -1,0 +1,152 @@
+"""Recipe parsing, validation, parameter resolution and mergekit YAML import/export."""
+
+import pytest
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.mergekit_compat import from_mergekit, to_mergekit
+from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, StackRecipe, dump_recipe, layer_t,
+                             load_recipe, model_refs, parse_recipe, recipe_hash, resolve_param,
+                             stack_to_dataflow)
+
+
+def ties(**kw):
+    data = {"method": "ties", "base": "b", "sources": [{"model": "x", "params": {"weight": 0.5, "density": 0.5}},
+                                                       {"model": "y", "params": {"weight": 0.5}}],
+            "params": {"density": 0.7}}
+    data.update(kw)
+    return data
+
+
+def test_parse_merge_recipe_and_roundtrip(tmp_path):
+    r = parse_recipe(ties(dtype="bf16"))
+    assert isinstance(r, MergeRecipe) and r.dtype == "bfloat16" and r.sources[0].params["weight"] == 0.5
+    path = dump_recipe(r, tmp_path / "r.yaml")
+    again = load_recipe(path)
+    assert again == r and recipe_hash(again) == recipe_hash(r)
+    assert recipe_hash(parse_recipe(ties(seed=1))) != recipe_hash(r)
+    assert model_refs(r) == ["b", "x", "y"]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_every_problem_reported_together(tmp_path):
+    bad = {"method": "ties", "sources": [{"model": "x", "params": {"weight": 0.5, "bogus": 1, "lambda": 2.0,
+                                                                     "density": 1.5}}],
+           "params": {"nope": 1}}
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as info:
+        load_recipe(f)
+    msg = str(info.value)
+    assert str(f) in msg
+    for needle in ["base", "bogus", "lambda", "nope", "density"]:
+        assert needle in msg, needle
+    assert len(info.value.problems) == 5
+
+
+def test_structural_errors_name_keys():
+    with pytest.raises(ConfigError) as info:
+        parse_recipe({"kind": "stack", "slices": [{"model": "a", "layers": [3, 1], "extra": 1}], "typo": 1},
+                     source="s.yaml")
+    msg = str(info.value)
+    assert "slices[0].layers" in msg and "slices[0].extra" in msg and "typo" in msg
+    with pytest.raises(ConfigError, match="unknown merge method 'tie'"):
+        parse_recipe({"method": "tie", "sources": [{"model": "a"}]})
+    with pytest.raises(ConfigError, match="scale"):
+        parse_recipe({"kind": "dataflow", "embed": "a", "path": [{"model": "a", "layer": 0, "scale": -1}]})
+    with pytest.raises(ConfigError, match="unknown recipe kind"):
+        parse_recipe({"kind": "soup", "sources": []})
+    with pytest.raises(ConfigError, match="gradient"):
+        parse_recipe({"method": "ties", "base": "b", "sources": [{"model": "x", "params": {"weight": "high"}}]})
+    with pytest.raises(ConfigError, match="equal lengths"):
+        parse_recipe({"method": "linear", "sources": [{"model": "x", "layers": [0, 2]},
+                                                      {"model": "y", "layers": [0, 3]}]})
+
+
+def test_resolve_param_gradients_and_filters():
+    # independent reference: piecewise-linear interpolation at anchors spread evenly over [0, 1]
+    vals = [0.0, 1.0, 0.25]
+    for t, want in [(0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.75, 0.625), (1.0, 0.25)]:
+        assert resolve_param(vals, "x", t) == pytest.approx(want)
+    rules = [ParamRule(filter="mlp", value=[0.0, 1.0]), ParamRule(filter="*", value=0.3)]
+    assert resolve_param(rules, "model.layers.2.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert resolve_param(rules, "model.layers.2.self_attn.q_proj.weight", 0.5) == 0.3
+    assert resolve_param([ParamRule(filter="mlp", value=1.0)], "attn", 0.0) is None
+    assert resolve_param(True, "x", 0.3) is True
+    assert [layer_t(i, 5) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1.0]
+    assert layer_t(None, 5) == 0.0 and layer_t(None, 5, is_head=True) == 1.0 and layer_t(0, 1) == 1.0
+
+
+def test_stack_to_dataflow():
+    r = parse_recipe({"kind": "stack", "slices": [{"model": "a", "layers": [0, 3]}, {"model": "b", "layers": [1, 4]}]})
+    assert isinstance(r, StackRecipe)
+    d = stack_to_dataflow(r)
+    assert [(s.model, s.layer) for s in d.path] == [("a", 0), ("a", 1), ("a", 2), ("b", 1), ("b", 2), ("b", 3)]
+    assert d.embed == "a" and d.head == "b" and all(s.scale == 1.0 for s in d.path)
+
+
+def test_mergekit_import_models_form():
+    cfg = {"merge_method": "ties", "base_model": "base",
+           "models": [{"model": "base"}, {"model": "m1", "parameters": {"weight": 0.6, "density": [0.2, 0.8]}},
+                      {"model": "m2", "parameters": {"weight": [{"filter": "mlp", "value": 0.1}, {"value": 0.4}],
+                                                      "density": 0.5}}],
+           "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16"}
+    r = from_mergekit(cfg)
+    assert isinstance(r, MergeRecipe) and r.base == "base" and [s.model for s in r.sources] == ["m1", "m2"]
+    assert r.sources[0].params["density"] == [0.2, 0.8] and r.dtype == "bfloat16"
+    assert "int8_mask" not in r.params and r.params["normalize"] is True
+    back = to_mergekit(r)
+    assert back["merge_method"] == "ties" and back["base_model"] == "base"
+    assert from_mergekit(back) == r
+
+
+def test_mergekit_import_via_load_recipe_and_errors(tmp_path):
+    f = tmp_path / "mk.yaml"
+    f.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": "a",
+                                 "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]},
+                                                         {"model": "b", "layer_range": [0, 4]}]}],
+                                 "parameters": {"t": [0.0, 0.5, 1.0]}}))
+    r = load_recipe(f)
+    assert isinstance(r, MergeRecipe) and r.method == "slerp" and r.base == "a" and r.base_layers == (0, 4)
+    assert r.sources[0].layers == (0, 4)
+    with pytest.raises(ConfigError) as info:
+        from_mergekit({"merge_method": "karcher", "models": [{"model": "a"}], "tokenizer_source": "union",
+                       "frobnicate": 1})
+    msg = str(info.value)
+    assert "karcher" in msg and "union" in msg and "frobnicate" in msg
+
+
+def test_mergekit_passthrough_and_dataflow_roundtrip():
+    cfg = {"merge_method": "passthrough", "dtype": "float16",
+           "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
+                      {"sources": [{"model": "b", "layer_range": [1, 3]}]}]}
+    r = from_mergekit(cfg)
+    assert isinstance(r, StackRecipe) and r.slices[1].layers == (1, 3)
+    # a data-flow path with scales exports as passthrough slices with folded residual-writer scales
+    d = parse_recipe({"kind": "dataflow", "embed": "a", "head": "b",
+                      "path": [{"model": "a", "layer": 0}, {"model": "a", "layer": 1, "scale": 2.0},
+                               {"model": "a", "layer": 2}, {"model": "b", "layer": 0, "scale": 0.5}]})
+    assert isinstance(d, DataFlowRecipe)
+    mk = to_mergekit(d)
+    assert [s["sources"][0]["layer_range"] for s in mk["slices"]] == [[0, 1], [1, 3], [0, 1]]
+    assert mk["slices"][1]["sources"][0]["parameters"]["scale"][0]["value"] == pytest.approx(0.5)
+    back = from_mergekit(mk)
+    assert isinstance(back, DataFlowRecipe)
+    assert [(s.model, s.layer) for s in back.path] == [(s.model, s.layer) for s in d.path]
+    assert [s.scale for s in back.path] == pytest.approx([s.scale for s in d.path])
+    with pytest.raises(ConfigError, match="embeddings"):
+        to_mergekit(parse_recipe({"kind": "dataflow", "embed": "c", "path": [{"model": "a", "layer": 0}]}))
+
+
+def test_mergekit_rescale_semantics_kept():
+    # mergekit's DARE rescale restores the L1 norm; importing keeps that, exporting refuses a recipe
+    # that divides by the keep probability (evomerge's paper default) instead of silently changing it
+    cfg = {"merge_method": "dare_ties", "base_model": "b",
+           "models": [{"model": "x", "parameters": {"weight": 0.5, "density": 0.3}}]}
+    r = from_mergekit(cfg)
+    assert r.params["rescale_l1"] is True
+    assert "rescale_l1" not in to_mergekit(r).get("parameters", {})
+    native = parse_recipe({"method": "dare_ties", "base": "b",
+                           "sources": [{"model": "x", "params": {"weight": 0.5, "density": 0.3}}]})
+    with pytest.raises(ConfigError, match="rescale_l1"):
+        to_mergekit(native)
