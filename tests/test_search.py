@@ -84,8 +84,16 @@ def test_pycma_finds_the_known_optimum_and_writes_the_outputs(tmp_path, world):
     assert st["finished"] == 60 and st["running"] == 0 and st["front_size"] >= 1
 
 
+# The child searches with each candidate slowed by 0.3 s, so the parent reliably kills it mid-way (an
+# unslowed tiny search can finish all 20 trials between two polls on a fast machine).
 _CHILD = """
-import sys
+import sys, time
+import evomerge.workers.base as base
+_run = base.run_job
+def _slow(evaluator, job):
+    time.sleep(0.3)
+    return _run(evaluator, job)
+base.run_job = _slow
 from evomerge.search.driver import start_search
 start_search(sys.argv[1], sys.argv[2], progress=False)
 """
