@@ -12,7 +12,7 @@ import copy
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
@@ -28,11 +28,71 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
+@dataclass(frozen=True)
+class TensorRef:
+    """Input tensor ``name`` of the model the recipe calls ``model`` (a key of :attr:`Plan.models`)."""
+
+    model: str
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """How one output tensor is built: everything :meth:`OutputTensor.compute` uses, resolved.
+
+    Other executors (:mod:`evomerge.resident`) read it to build the same tensor their own way.
+
+    * ``kind="merge"``: ``get_method(method)(sources, base, generator=g, **source_params,
+      **global_params)``, the sources read in ``inputs`` order and ``base`` read from ``base``;
+      ``g`` is a generator on the device seeded with ``seed`` when the method is stochastic.
+      ``method`` is the canonical method name (aliases resolved); ``source_params`` maps each
+      per-source parameter to one value per input, ``global_params`` each global parameter to its
+      value, both resolved for this tensor (gradients, filters, defaults).
+    * ``kind="copy"``: ``inputs[0]`` as stored (its own dtype) when ``scale == 1.0``, else
+      ``inputs[0].float() * scale`` (data-flow scale folding; see :func:`evomerge.dataflow.fold_factor`).
+    """
+
+    kind: Literal["merge", "copy"]
+    inputs: tuple[TensorRef, ...]          # merge: one per recipe source, in order; copy: exactly one
+    base: TensorRef | None = None          # merge only
+    method: str | None = None              # merge only
+    source_params: Mapping[str, list] = field(default_factory=dict)
+    global_params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None                # merge only: the per-tensor generator seed
+    scale: float = 1.0                     # copy only
+
+
 @dataclass
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
-    compute: Callable[[torch.device], torch.Tensor]  # returns float32 (or original) on the device
+    op: TensorOp
+    models: Mapping[str, Checkpoint] = field(repr=False, compare=False)  # the plan's models, by ref
+
+    def compute(self, device: torch.device) -> torch.Tensor:
+        """The tensor on ``device``: float32 (or a copy's stored dtype); see :class:`TensorOp`."""
+        op = self.op
+
+        def read(r: TensorRef) -> torch.Tensor:
+            return self.models[r.model].read(r.name, device=device)
+
+        if op.kind == "copy":
+            t = read(op.inputs[0])
+            return t if op.scale == 1.0 else t.float() * op.scale
+        spec = get_method(op.method)
+        tensors = [read(r) for r in op.inputs]
+        base_t = read(op.base) if op.base is not None else None
+        gen = None
+        if spec.stochastic:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(op.seed)
+        result = spec(tensors, base_t, generator=gen, **op.source_params, **op.global_params)
+        # one reduction instead of an elementwise isfinite pass (20x cheaper on CPU); the exact
+        # check runs only when the sum is not finite (a NaN/inf, or a float32 overflow of the sum)
+        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
+            raise MergeError(f"method '{spec.name}' produced non-finite values for tensor "
+                             f"'{op.inputs[0].name}'; check the recipe's weights and densities")
+        return result
 
 
 @dataclass
@@ -133,10 +193,10 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
             problems.append(f"{ref.ref}: tensor '{input_name(name, ref_k)}' is missing")
             continue
         shape = ref.shape(input_name(name, ref_k))
-        inputs = [(k, ck, input_name(name, k)) for k, ck in enumerate(sources)]
-        if base:
-            inputs.append((-1, base, input_name(name, -1)))
-        for k, ck, nm in inputs:
+        srcs = tuple(TensorRef(s.model, input_name(name, k)) for k, s in enumerate(recipe.sources))
+        base_in = TensorRef(recipe.base, input_name(name, -1)) if base else None
+        for r in srcs + ((base_in,) if base_in else ()):
+            ck, nm = models[r.model], r.name
             if not ck.has(nm):
                 problems.append(f"{ck.ref}: tensor '{nm}' is missing")
             elif tuple(ck.shape(nm)) != tuple(shape):
@@ -156,8 +216,8 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
         for p in glob_specs:
             v = resolve_param(recipe.params[p.name], name, t) if p.name in recipe.params else None
             glob[p.name] = p.default if v is None else v
-        out.append(OutputTensor(name, tuple(shape), _merge_fn(spec, inputs, base is not None, per_source,
-                                                              glob, _seed_for(recipe.seed, name))))
+        op = TensorOp("merge", srcs, base_in, spec.name, per_source, glob, _seed_for(recipe.seed, name))
+        out.append(OutputTensor(name, tuple(shape), op, models))
     if problems:
         raise IncompatibleModelsError("the models cannot be merged as the recipe asks:\n  - "
                                       + "\n  - ".join(problems[:50])
@@ -170,32 +230,13 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
     return Plan(recipe, config, out, _torch_dtype(recipe.dtype, ref), tok.path if tok else None, models)
 
 
-def _merge_fn(spec, inputs, has_base, per_source, glob, seed):
-    def compute(device: torch.device) -> torch.Tensor:
-        tensors = [ck.read(nm, device=device) for k, ck, nm in inputs if k >= 0]
-        base_t = inputs[-1][1].read(inputs[-1][2], device=device) if has_base else None
-        gen = None
-        if spec.stochastic:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-        result = spec(tensors, base_t, generator=gen, **per_source, **glob)
-        # one reduction instead of an elementwise isfinite pass (20x cheaper on CPU); the exact
-        # check runs only when the sum is not finite (a NaN/inf, or a float32 overflow of the sum)
-        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
-            raise MergeError(f"method '{spec.name}' produced non-finite values for tensor "
-                             f"'{inputs[0][2]}'; check the recipe's weights and densities")
-        return result
-
-    return compute
-
-
 # ----------------------------------------------------------------------------------------------
 # layer stacks and data-flow paths
 
 
 def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Plan:
-    embed = models[recipe.embed]
-    head = models[recipe.head or recipe.embed]
+    head_ref = recipe.head or recipe.embed
+    embed, head = models[recipe.embed], models[head_ref]
     problems: list[str] = []
     arch = {ck.config.get("model_type") for ck in models.values()}
     if len(arch) > 1:
@@ -222,14 +263,11 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
     if layer_prefix is None:
         raise MergeError(f"{recipe.embed}: found no decoder layers (no tensor named '<prefix>.layers.N.*')")
 
-    def copier(ck: Checkpoint, nm: str, factor: float):
-        def compute(device: torch.device) -> torch.Tensor:
-            t = ck.read(nm, device=device)
-            return t if factor == 1.0 else t.float() * factor
-        return compute
+    def copier(ref: str, nm: str, out_name: str, factor: float = 1.0) -> OutputTensor:
+        op = TensorOp("copy", (TensorRef(ref, nm),), scale=factor)
+        return OutputTensor(out_name, tuple(models[ref].shape(nm)), op, models)
 
-    for nm in pre:
-        out.append(OutputTensor(nm, tuple(embed.shape(nm)), copier(embed, nm, 1.0)))
+    out.extend(copier(recipe.embed, nm, nm) for nm in pre)
     layer_sources = []
     for k, step in enumerate(recipe.path):
         ck = models[step.model]
@@ -243,10 +281,8 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
                 continue
             prefix, _, suffix = parts
             factor = fold_factor(model_type, suffix, cum[k])
-            out.append(OutputTensor(layer_tensor_name(layer_prefix, k, suffix), tuple(ck.shape(nm)),
-                                    copier(ck, nm, factor)))
-    for nm in post:
-        out.append(OutputTensor(nm, tuple(head.shape(nm)), copier(head, nm, 1.0)))
+            out.append(copier(step.model, nm, layer_tensor_name(layer_prefix, k, suffix), factor))
+    out.extend(copier(head_ref, nm, nm) for nm in post)
     # every layer must have the same tensor set and shapes as the embed model's layers
     ref_layer = {split_layer_name(n)[2]: embed.shape(n) for n in embed.names
                  if split_layer_name(n) and split_layer_name(n)[1] == 0}

@@ -101,6 +101,38 @@ def test_stack_layer_count_and_layer_types(tmp_path):
     generate(out)
 
 
+def test_plan_ops_describe_each_tensor(family):
+    """Each planned tensor carries its resolved recipe (the resident path executes only that)."""
+    from evomerge.materialize import TensorRef, plan_recipe
+
+    e1, e2, base = family["expert1"], family["expert2"], family["base"]
+    recipe = parse_recipe({"method": "dare_ties", "base": base, "base_layers": [1, 3], "seed": 7,
+                           "params": {"density": 0.5},
+                           "sources": [{"model": e1, "layers": [0, 2], "params": {"weight": [0.0, 1.0]}},
+                                       {"model": e2, "layers": [1, 3], "params": {"weight": 0.5}}]})
+    plan = plan_recipe(recipe)
+    ops = {t.name: t.op for t in plan.tensors}
+    op = ops["model.layers.1.mlp.up_proj.weight"]
+    assert (op.kind, op.method) == ("merge", "dare_ties")
+    assert op.inputs == (TensorRef(e1, "model.layers.1.mlp.up_proj.weight"),
+                         TensorRef(e2, "model.layers.2.mlp.up_proj.weight"))
+    assert op.base == TensorRef(base, "model.layers.2.mlp.up_proj.weight")
+    assert op.source_params["weight"] == [1.0, 0.5] and op.source_params["density"] == [0.5, 0.5]
+    assert op.global_params["lambda"] == 1.0 and isinstance(op.seed, int)
+    assert op.seed != ops["model.layers.0.mlp.up_proj.weight"].seed
+
+    flow = plan_recipe(parse_recipe({"kind": "dataflow", "embed": base, "head": e1,
+                                     "path": [{"model": e2, "layer": 2, "scale": 1.0},
+                                              {"model": base, "layer": 0, "scale": 2.0}]}))
+    ops = {t.name: t.op for t in flow.tensors}
+    assert all(op.kind == "copy" and len(op.inputs) == 1 and op.method is None for op in ops.values())
+    assert ops["model.embed_tokens.weight"].inputs == (TensorRef(base, "model.embed_tokens.weight"),)
+    assert ops["model.norm.weight"].inputs == (TensorRef(e1, "model.norm.weight"),)
+    assert ops["model.layers.0.mlp.up_proj.weight"].inputs == (TensorRef(e2, "model.layers.2.mlp.up_proj.weight"),)
+    assert ops["model.layers.1.mlp.up_proj.weight"].inputs == (TensorRef(base, "model.layers.0.mlp.up_proj.weight"),)
+    assert {op.scale for op in ops.values()} > {1.0}  # the second layer's scale is folded somewhere
+
+
 def _reference_logits(model, scales, ids):
     """Forward of an unfolded stack that multiplies each layer's input stream by its scale."""
     hooks = []

@@ -10,7 +10,8 @@ nothing the size of a model is allocated per candidate.
 
 * Recipe resolution (per-tensor parameters, gradients, filters, layer ranges, seeds, data-flow
   scale folding) is exactly :func:`evomerge.materialize.plan_recipe`'s: the plan is built against
-  the resident checkpoints (headers only) and its per-tensor closures are read back.
+  the resident checkpoints (headers only) and each output tensor's resolved
+  :class:`~evomerge.materialize.TensorOp` (method, inputs, parameters, seed, scale) is executed here.
 * TIES / breadcrumbs thresholds come from per-(source, base) rank orders computed once
   (:mod:`evomerge.resident.stats`), so the exact top-k set of any density costs two element reads.
 * DARE masks are boolean, drawn on the device per tensor from the same seeded generator calls as
@@ -34,7 +35,8 @@ import torch
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import MergeError
-from evomerge.materialize import OutputTensor, Plan, plan_recipe
+from evomerge.materialize import OutputTensor, Plan, TensorRef, plan_recipe
+from evomerge.methods import get_method
 from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.methods.sparsify import keep_count, outlier_counts
@@ -54,12 +56,6 @@ TASK_VECTOR_METHODS = {
 FAST_METHODS = (*TASK_VECTOR_METHODS, "linear", "slerp")
 
 
-def _closure(fn) -> dict[str, Any]:
-    """The free variables of a plan's per-tensor ``compute`` closure (materialize.py's
-    ``_merge_fn`` / ``copier``), by name."""
-    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
-
-
 class _Job:
     __slots__ = ("kind", "name", "out", "args", "static", "p", "c", "draw")
 
@@ -76,9 +72,8 @@ class ResidentSources:
                  stats: bool):
         self.models, self.tensors, self.host = models, tensors, host
         self.device, self.fused, self.use_stats = device, fused, stats
-        self._ref_of = {id(ck): ref for ref, ck in models.items()}
-        self._orders: dict[tuple, torch.Tensor] = {}     # (src, name, base, name) -> rank order
-        self._slerp: dict[tuple, tuple] = {}              # (src, name, base, name) -> (n0, n1, dot)
+        self._orders: dict[tuple, torch.Tensor] = {}     # (source ref, base ref) -> rank order
+        self._slerp: dict[tuple, tuple] = {}              # (source ref, base ref) -> (n0, n1, dot)
         self._masks: list[torch.Tensor] = []              # DARE mask buffers, one per source
         self._ones: torch.Tensor | None = None
         self._targets: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
@@ -144,14 +139,14 @@ class ResidentSources:
         seen = {t.data_ptr(): t.numel() * t.element_size() for d in self.tensors.values() for t in d.values()}
         return sum(seen.values())
 
-    def _tensor(self, ck: Checkpoint, name: str) -> torch.Tensor:
-        ref = self._ref_of.get(id(ck))
-        if ref is None:
-            raise MergeError(f"{ck.ref} is not resident; load it with ResidentSources.load")
-        return self.tensors[ref][name]
+    def _tensor(self, r: TensorRef) -> torch.Tensor:
+        tensors = self.tensors.get(r.model)
+        if tensors is None:
+            raise MergeError(f"{r.model} is not resident; load it with ResidentSources.load")
+        return tensors[r.name]
 
-    def _host(self, ck: Checkpoint, name: str) -> torch.Tensor:
-        return self.host[self._ref_of[id(ck)]][name]
+    def _host(self, r: TensorRef) -> torch.Tensor:
+        return self.host[r.model][r.name]
 
     # ------------------------------------------------------------------ targets
 
@@ -221,17 +216,16 @@ class ResidentSources:
         return out.view(-1)
 
     def _job(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> _Job:
-        out = self._out(ot, dst)
-        info = _closure(ot.compute)
-        if "spec" not in info:  # data-flow / stack copier: (ck, nm, factor)
-            src = self._tensor(info["ck"], info["nm"]).view(-1)
-            if info["factor"] == 1.0:
+        out, op = self._out(ot, dst), ot.op
+        if op.kind == "copy":  # data-flow / stack layer: a copy, maybe scaled (folded)
+            src = self._tensor(op.inputs[0]).view(-1)
+            if op.scale == 1.0:
                 return _Job("copy", ot.name, out, (src,))
-            return _Job("scale", ot.name, out, (src,), p=[info["factor"]])
-        spec, inputs, seed = info["spec"], info["inputs"], info["seed"]
-        xs = [self._tensor(ck, nm) for k, ck, nm in inputs if k >= 0]
-        base = self._tensor(inputs[-1][1], inputs[-1][2]) if info["has_base"] else None
-        params = {**info["per_source"], **info["glob"]}
+            return _Job("scale", ot.name, out, (src,), p=[op.scale])
+        spec, seed = get_method(op.method), op.seed
+        xs = [self._tensor(r) for r in op.inputs]
+        base = self._tensor(op.base) if op.base is not None else None
+        params = {**op.source_params, **op.global_params}
         ref_job = _Job("ref", ot.name, out, (spec, xs, base, params, seed))
         if spec.name not in FAST_METHODS:
             return ref_job
@@ -239,10 +233,10 @@ class ResidentSources:
         if spec.name == "linear":
             return self._linear_job(ot.name, out, xs, p) or ref_job
         if spec.name == "slerp":
-            return self._slerp_job(ot.name, out, xs[0], base, inputs, p["t"])
+            return self._slerp_job(ot.name, out, xs[0], base, op.inputs[0], op.base, p["t"])
         if p.get("rescale") and p.get("rescale_l1"):
             return ref_job
-        return self._task_vector_job(ot.name, out, spec.name, xs, base, inputs, p, seed)
+        return self._task_vector_job(ot.name, out, spec.name, xs, base, op.inputs, op.base, p, seed)
 
     def _linear_job(self, name, out, xs, p) -> _Job | None:
         total = float(sum(p["weight"]))
@@ -254,7 +248,7 @@ class ResidentSources:
             return None
         return _Job("linear", name, out, ([x.view(-1) for x, _ in kept],), p=[w for _, w in kept])
 
-    def _task_vector_job(self, name, out, method, xs, base, inputs, p, seed) -> _Job:
+    def _task_vector_job(self, name, out, method, xs, base, srcs, base_ref, p, seed) -> _Job:
         mode, elect = TASK_VECTOR_METHODS[method]
         n, numel = len(xs), base.numel()
         dens = p.get("density", [1.0] * n)
@@ -266,9 +260,8 @@ class ResidentSources:
             div = d if (d < 1.0 and rescale and d > 0) else 1.0
             hi, lo = (-1.0, numel), (INF, -1)  # keep everything
             if mode in ("thr", "band") and d < 1.0:
-                key = (self._ref_of[id(inputs[i][1])], inputs[i][2],
-                       self._ref_of[id(inputs[-1][1])], inputs[-1][2])
-                xh, bh = self._host(inputs[i][1], inputs[i][2]), self._host(inputs[-1][1], inputs[-1][2])
+                key = (srcs[i], base_ref)
+                xh, bh = self._host(srcs[i]), self._host(base_ref)
                 if mode == "thr":
                     hi = self._top_cut(key, xs[i], base, xh, bh, keep_count(numel, d))
                 else:
@@ -305,8 +298,8 @@ class ResidentSources:
         ties = torch.nonzero(a == thr).view(-1)
         return float(thr), int(ties[k - above - 1])
 
-    def _slerp_job(self, name, out, x, base, inputs, t) -> _Job:
-        key = (self._ref_of[id(inputs[0][1])], inputs[0][2], self._ref_of[id(inputs[-1][1])], inputs[-1][2])
+    def _slerp_job(self, name, out, x, base, src_ref, base_ref, t) -> _Job:
+        key = (src_ref, base_ref)
         red = self._slerp.get(key)
         if red is None:  # |v0|, |v1|, <v0, v1>: independent of t, computed once as the reference does
             v0, v1 = base.float(), x.float()
