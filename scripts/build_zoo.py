@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild the demo zoo (evals/zoo/) and its suite data (evals/data/zoo_*.jsonl) on CPU.
 
-    python3 scripts/build_zoo.py [--out evals/zoo] [--data evals/data] [--threads 2]
+    python3 scripts/build_zoo.py [--out evals/zoo] [--data evals/data] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="evals/zoo")
     ap.add_argument("--data", default="evals/data")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     build_zoo(args.out, args.data, ZooConfig(threads=args.threads))

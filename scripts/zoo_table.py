@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Acceptance table of the demo zoo: base, each expert and hand-set merges on every zoo suite.
 
-    python3 scripts/zoo_table.py [--zoo evals/zoo] [--limit N] [--lam 0.5]
+    python3 scripts/zoo_table.py [--zoo evals/zoo] [--suite evals/zoo_demo.yaml] [--limit N] [--lams 0.33,0.5,0.7]
 
 Prints exact match (± binomial stderr, n) per task on the search and held-out splits, the combined
 score (mean over the four tasks), and whether the best merge beats every single zoo model on the
 combined held-out score by more than two standard errors of the difference.
 
-The merge here is task arithmetic written directly on state dicts (``base + lam * sum(expert -
-base)``), kept separate on purpose; switch to ``evomerge.materialize`` once it exists.
+The hand-set merges are task arithmetic recipes (``base + lam * sum_i (expert_i - base)``, Ilharco et
+al. 2023) built by the merge engine (``evomerge.materialize``), the same path `evomerge merge` takes.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ from evomerge.zoo import EXPERT_NAMES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def task_arithmetic(base: dict, experts: list[dict], lam: float) -> dict:
-    """Hand-set task arithmetic (Ilharco et al. 2023): base + lam * sum_i (expert_i - base)."""
-    return {k: base[k] + lam * sum(e[k] - base[k] for e in experts) for k in base}
+def task_arithmetic(zoo: Path, lam: float):
+    """The hand-set recipe: every expert's task vector added to the base with weight ``lam``."""
+    from evomerge.recipe import parse_recipe
+
+    return parse_recipe({"method": "task_arithmetic", "base": str(zoo / "base"),
+                         "sources": [{"model": str(zoo / n), "params": {"weight": lam}} for n in EXPERT_NAMES.values()]})
 
 
 def main(argv=None) -> int:
@@ -46,14 +49,15 @@ def main(argv=None) -> int:
     names = ["base", *EXPERT_NAMES.values()]
     models = {n: load_model(Path(args.zoo) / n) for n in names}
     tok = models["base"][1]
-    base_sd = models["base"][0].state_dict()
-    exp_sds = [models[n][0].state_dict() for n in EXPERT_NAMES.values()]
     import copy
+
+    from evomerge.materialize import materialize_state_dict
 
     candidates = {n: m for n, (m, _) in models.items()}
     for lam in (float(x) for x in args.lams.split(",")):
         m = copy.deepcopy(models["base"][0])
-        m.load_state_dict(task_arithmetic(base_sd, exp_sds, lam))
+        _, sd = materialize_state_dict(task_arithmetic(Path(args.zoo), lam))
+        m.load_state_dict({k: v.float() for k, v in sd.items()})
         candidates[f"TA lam={lam}"] = m
     scorers = {s: Scorer(suite, s, limit=args.limit, batch_size=128) for s in ("search", "held-out")}
     res = {}

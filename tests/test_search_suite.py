@@ -66,3 +66,22 @@ def test_a_search_with_the_suite_evaluator(tmp_path, world):
              "multi_fidelity": {"enabled": True, "rungs": [0.5, 1.0]}, "budget": {"trials": 3}}
     res = start_search(write_space(tmp_path / "s.yaml", space), tmp_path / "study", progress=False)
     assert res.complete and (tmp_path / "study" / "pareto.png").is_file()
+
+
+def test_a_repeated_candidate_is_not_scored_twice(tmp_path, world, monkeypatch):
+    fam, suite = world
+    cfg = {"kind": "suite", "suite": suite, "batch_size": 8, "cache_dir": str(tmp_path / "cache")}
+    ev = make_evaluator(cfg)
+    recipe = parse_recipe({"method": "linear", "sources": [{"model": fam["expert1"]}, {"model": fam["expert2"]}]})
+    first = ev.evaluate(recipe, split="search")
+    built = []
+    monkeypatch.setattr(type(ev), "model", lambda self, r: built.append(r))  # any materialization is recorded
+    again = ev.evaluate(recipe, split="search")
+    assert again.scores == first.scores and again.n == first.n and built == []
+    # another process (a fresh evaluator) finds the score on disk; another split or fidelity is scored anew
+    fresh = make_evaluator(cfg)
+    monkeypatch.setattr(type(fresh), "model", lambda self, r: built.append(r))
+    assert fresh.evaluate(recipe, split="search").scores == first.scores and built == []
+    with pytest.raises(AttributeError):  # the recorder returns None: proves a miss materializes
+        fresh.evaluate(recipe, split="search", fidelity=0.5)
+    assert built == [recipe]

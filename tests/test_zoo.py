@@ -32,11 +32,13 @@ def test_eval_items_distinct_and_deterministic():
 
 @needs_zoo
 def test_zoo_loads_and_experts_beat_base_on_own_skill():
-    tok = None
+    """Each expert beats the base on its own skill's full held-out split by more than 2 standard errors."""
+    import math
+
     for skill, name in EXPERT_NAMES.items():
-        suite = load_suite(ROOT / "evals" / f"zoo_{skill}.yaml")
-        sc = Scorer(suite, "held-out", limit=100, batch_size=100)
+        sc = Scorer(load_suite(ROOT / "evals" / f"zoo_{skill}.yaml"), "held-out", batch_size=128)
         base, tok = load_model(ZOO / "base")
         expert, _ = load_model(ZOO / name)
-        b, e = sc.score(base, tok).combined, sc.score(expert, tok).combined
-        assert e > b + 0.1, (skill, b, e)
+        b, e = sc.score(base, tok), sc.score(expert, tok)
+        assert b.n == e.n == 300
+        assert e.combined - b.combined > 2 * math.hypot(b.combined_stderr, e.combined_stderr), (skill, b, e)

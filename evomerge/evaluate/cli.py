@@ -12,8 +12,12 @@ from evomerge.evaluate.engine import Scorer, SuiteResult
 from evomerge.evaluate.suite import load_suite
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local HF directory; EvalError when either is missing."""
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto"):
+    """(model, tokenizer) from a local HF directory; EvalError when either is missing.
+
+    ``dtype="auto"`` computes in the checkpoint's stored dtype: exactly what a search scored when it
+    materialized that recipe in memory, so `evomerge eval` of an exported merge reproduces its score.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(model_dir)

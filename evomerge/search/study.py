@@ -204,9 +204,9 @@ def recover_interrupted(study: optuna.Study) -> list[FrozenTrial]:
     """Mark trials left RUNNING (or WAITING) by a killed run as failed ('interrupted'); returns them."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        # a WAITING trial is a retry the killed run had queued: interrupted too, so it is queued again
+        study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         out.append(t)
     return out

@@ -2,36 +2,44 @@
 materialized in memory and scored by :class:`evomerge.evaluate.engine.Scorer` on a suite split.
 
 Reported metrics: each task's primary score under the task's name, and ``combined`` (the suite's
-weighted mean). ``fidelity`` scores ``ceil(fidelity * items)`` items of every task (the engine's
-seeded subsets are nested, so a larger fidelity sees the smaller one's items too); ``limit`` caps
-the items per task.
+weighted mean). ``fidelity`` scores at most ``ceil(fidelity * n_max)`` items of every task, n_max being
+the largest task's item count (one cap for all tasks; the engine's seeded subsets are nested, so a
+larger fidelity sees the smaller one's items too); ``limit`` caps the items per task.
 
 Options: ``suite`` (path, required), ``device`` (default cpu), ``batch_size`` (64), ``seed`` (0),
-``dtype`` (materialization dtype, default the recipe's).
+``dtype`` (materialization dtype, default the recipe's), ``cache_dir`` (a folder where scores persist
+across processes and restarts; default: in memory only).
+
+A repeated candidate is never scored twice: results are cached under (recipe hash, suite fingerprint,
+split, item cap, seed), and a hit skips materialization too. The recipe hash covers the model paths,
+not their bytes: clear ``cache_dir`` after replacing a source model in place.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.recipe import Recipe, model_refs
+from evomerge.recipe import Recipe, model_refs, recipe_hash
 from evomerge.search.evaluation import EvalOutcome, register_evaluator, worker_name
 
-_KEYS = {"suite", "device", "batch_size", "seed", "dtype"}
+_KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir"}
 
 
 class SuiteEvaluator:
     def __init__(self, suite: str, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
-                 dtype: str | None = None):
+                 dtype: str | None = None, cache_dir: str | None = None):
+        from evomerge.evaluate.cache import ScoreCache
         from evomerge.evaluate.suite import load_suite
 
-        self.suite = load_suite(suite)
+        self.suite = load_suite(suite) if isinstance(suite, (str, Path)) else suite  # a path or a loaded Suite
         self.device, self.batch_size, self.seed, self.dtype = device, batch_size, seed, dtype
         self._scorers: dict[tuple[str, int | None], Any] = {}
         self._tokenizers: dict[str, Any] = {}
+        self.cache = ScoreCache(cache_dir)
 
     def metric_names(self) -> list[str]:
         return [t.name for t in self.suite.tasks] + ["combined"]
@@ -45,7 +53,7 @@ class SuiteEvaluator:
         key = (split, limit)
         if key not in self._scorers:
             self._scorers[key] = Scorer(self.suite, split, limit=limit, seed=self.seed,
-                                        batch_size=self.batch_size, device=self.device)
+                                        batch_size=self.batch_size, device=self.device, cache=self.cache)
         return self._scorers[key]
 
     def _tokenizer(self, ref: str):
@@ -93,9 +101,13 @@ class SuiteEvaluator:
             cap = max(1, math.ceil(fidelity * max(per_task)))
         if limit is not None:
             cap = limit if cap is None else min(cap, limit)
-        model = self.model(recipe)
-        tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-        res = self._scorer(split, cap).score(model, tok)
+        scorer = self._scorer(split, cap)
+        model_key = f"{recipe_hash(recipe)}|{self.dtype}"
+        res = self.cache.get(scorer.cache_key(model_key))
+        if res is None:
+            model = self.model(recipe)
+            tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
+            res = scorer.score(model, tok, model_key=model_key)
         scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
@@ -112,4 +124,4 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
         raise ConfigError(problems)
     return SuiteEvaluator(config["suite"], device=config.get("device", "cpu"),
                           batch_size=int(config.get("batch_size", 64)), seed=int(config.get("seed", 0)),
-                          dtype=config.get("dtype"))
+                          dtype=config.get("dtype"), cache_dir=config.get("cache_dir"))

@@ -1,6 +1,6 @@
 """Executors: where candidates are scored. The search driver only sees the :class:`Executor`
-protocol; :class:`InProcessExecutor` runs jobs in this process, a Ray executor (later) runs them on
-actors that each build their own evaluator from the same factory."""
+protocol; :class:`InProcessExecutor` runs jobs in this process, :class:`ray_executor.RayExecutor` runs
+them on Ray actors that each build their own resident evaluator."""
 
 from evomerge.workers.base import Executor, InProcessExecutor, Job, JobResult, run_job
 

@@ -5,8 +5,8 @@ A :class:`Job` is one evaluation (a recipe on a split at a fidelity); an executo
 at once, so the driver submits a whole CMA-ES population as a batch (``map``) and asks an
 asynchronous sampler for a new trial whenever a slot frees. A job never raises: a failing candidate
 (exception, non-finite score) comes back as a result with ``error`` set, so one bad merge cannot stop
-a search. Implementations: :class:`InProcessExecutor` here; Ray actors (later) implement the same
-three members (``capacity``, ``submit``, ``shutdown``) by wrapping ``ObjectRef.future()``.
+a search. Implementations: :class:`InProcessExecutor` here; :class:`evomerge.workers.ray_executor.RayExecutor`
+implements the same three members (``capacity``, ``submit``, ``shutdown``) on Ray actors.
 """
 
 from __future__ import annotations

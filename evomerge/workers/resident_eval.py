@@ -158,13 +158,9 @@ class ResidentSuiteEvaluator(SuiteEvaluator):
     driver when workers cannot read the suite's files)."""
 
     def __init__(self, suite, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
-                 dtype: str | None = None, residency: str = "device", fused: bool | None = None):
-        if isinstance(suite, str):
-            super().__init__(suite, device=device, batch_size=batch_size, seed=seed, dtype=dtype)
-        else:
-            self.suite = suite
-            self.device, self.batch_size, self.seed, self.dtype = device, batch_size, seed, dtype
-            self._scorers, self._tokenizers = {}, {}
+                 dtype: str | None = None, residency: str = "device", fused: bool | None = None,
+                 cache_dir: str | None = None):
+        super().__init__(suite, device=device, batch_size=batch_size, seed=seed, dtype=dtype, cache_dir=cache_dir)
         self.resident = ResidentModels(device, residency, fused)
 
     def model(self, recipe: Recipe):
@@ -187,7 +183,7 @@ def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str 
             suite = _suite_factory(config).suite  # checks the keys, reads the suite's files
         return ResidentSuiteEvaluator(suite, device=dev, batch_size=int(config.get("batch_size", 64)),
                                       seed=int(config.get("seed", 0)), dtype=config.get("dtype"),
-                                      residency=residency, fused=fused)
+                                      residency=residency, fused=fused, cache_dir=config.get("cache_dir"))
     if evaluator_kind(evaluation) == "weights" and "device" not in config:
         evaluation = {**evaluation, "device": dev}
     return make_evaluator(evaluation)
