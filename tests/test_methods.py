@@ -223,9 +223,9 @@ def test_breadcrumbs_match_reference(method, elect, shape):
 def test_dare_matches_reference_masks(method, elect, shape):
     base, srcs = family(shape, dtype=torch.bfloat16)
     w, dens = [0.8, 0.5, 1.1], [0.5, 0.7, 0.3]
-    # the documented random stream: one boolean Bernoulli draw per source, in order
+    # the documented random stream: one float32 uniform per entry and source, in order; kept where u < density
     g = gen(11)
-    masks = [torch.empty(shape, dtype=torch.bool).bernoulli_(d, generator=g) for d in dens]
+    masks = [torch.empty(shape).uniform_(generator=g) < d for d in dens]  # DARE draws: uniform < density
     keep = [set(torch.nonzero(m.reshape(-1)).reshape(-1).tolist()) for m in masks]
     scale = [[1 / d] * base.numel() for d in dens]
     out = get_method(method)(srcs, base, generator=gen(11), weight=w, density=dens)

@@ -53,7 +53,7 @@ _DOC_COMMON = """
 def dare_ties(tensors, base, *, generator=None, **params):
     p = resolve("dare_ties", tensors, base, generator, params)
     if fusable(tensors, base) and not (p["rescale"] and p["rescale_l1"]):
-        # the same random stream as dare_sparsifier: one boolean draw per pruned source, in order
+        # the same random stream as dare_sparsifier: one uniform draw per entry of each pruned source, in order
         masks = [bernoulli_mask(base.shape, d, generator, base.device) if d < 1.0 else None
                  for d in p["density"]]
         probs = [d if p["rescale"] and m is not None and d > 0 else None for d, m in zip(p["density"], masks)]

@@ -128,8 +128,14 @@ def outlier_mask(delta_abs: torch.Tensor, density: float, gamma: float) -> torch
 
 
 def bernoulli_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """DARE: boolean mask, each entry kept independently with probability ``p``."""
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p, generator=generator)
+    """DARE: boolean mask, each entry kept independently with probability ``p``.
+
+    Drawn as ``uniform[0, 1) < p`` (float32 uniforms from ``generator``, in flat order): the same
+    law as ``bernoulli_`` up to float32 resolution, and about 3x faster on CPU, where ``bernoulli_``
+    costs ~12 ns per entry. The resident materializer draws the same uniforms into a reused buffer.
+    """
+    u = torch.empty(shape, dtype=F32, device=device).uniform_(generator=generator)
+    return u < p
 
 
 def rank_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

@@ -76,6 +76,7 @@ class ResidentSources:
         self._slerp: dict[tuple, tuple] = {}              # (source ref, base ref) -> (n0, n1, dot)
         self._masks: list[torch.Tensor] = []              # DARE mask buffers, one per source
         self._ones: torch.Tensor | None = None
+        self._uniform: torch.Tensor | None = None            # DARE uniforms (reused)
         self._targets: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._models_by_shape: dict[tuple, torch.nn.Module] = {}
         self._gen = torch.Generator(device=device)
@@ -323,6 +324,7 @@ class ResidentSources:
             self._masks.append(torch.empty(self.max_numel, dtype=torch.bool, device=self.device))
         if self._ones is None:
             self._ones = torch.ones(self.max_numel, dtype=torch.bool, device=self.device)
+            self._uniform = torch.empty(self.max_numel, dtype=torch.float32, device=self.device)
         return self._masks
 
     def _params(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
@@ -360,11 +362,13 @@ class ResidentSources:
                         bufs = self._mask_buffers(len(xs))
                         self._gen.manual_seed(seed)
                         masks = []
+                        n = base.numel()
                         for buf, d in zip(bufs, dens):
                             if d is None:
-                                masks.append(self._ones[:base.numel()])
-                            else:  # same generator calls and numel as sparsify.bernoulli_mask
-                                masks.append(buf[:base.numel()].bernoulli_(d, generator=self._gen))
+                                masks.append(self._ones[:n])
+                            else:  # the same uniforms, in the same order, as sparsify.bernoulli_mask
+                                u = self._uniform[:n].uniform_(generator=self._gen)
+                                masks.append(torch.lt(u, d, out=buf[:n]))
                     fn = get_kernel("task_vector", self.fused, **j.static)
                     flags.append((j.name, fn(j.out, base, xs, masks, p, c, pl)))
                 elif j.kind == "linear":

@@ -7,13 +7,24 @@ dimensions) -> an optimizer proposes points (``optimizers``: pycma or an Optuna 
 -> held-out re-score, report and export (``driver``, ``report``).
 """
 
-from evomerge.search.driver import SearchResult, rescore_study, resume_search, start_search
-from evomerge.search.evaluation import EvalOutcome, Evaluator, make_evaluator, register_evaluator
-from evomerge.search.report import export_recipe, format_status, status, write_report
-from evomerge.search.space import SearchSpace, load_space, parse_space
+import importlib
 
-__all__ = [
-    "EvalOutcome", "Evaluator", "SearchResult", "SearchSpace", "export_recipe", "format_status", "load_space",
-    "make_evaluator", "parse_space", "register_evaluator", "rescore_study", "resume_search", "start_search",
-    "status", "write_report",
-]
+# Loaded on first use: `evomerge merge` imports this package (for its CLI registration) and must not
+# pay for optuna, pycma and the driver (~2 s) when it does not search.
+_EXPORTS = {
+    "SearchResult": "driver", "rescore_study": "driver", "resume_search": "driver", "start_search": "driver",
+    "EvalOutcome": "evaluation", "Evaluator": "evaluation", "make_evaluator": "evaluation",
+    "register_evaluator": "evaluation",
+    "export_recipe": "report", "format_status": "report", "status": "report", "write_report": "report",
+    "SearchSpace": "space", "load_space": "space", "parse_space": "space",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"evomerge.search.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'evomerge.search' has no attribute {name!r}")
