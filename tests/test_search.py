@@ -153,6 +153,18 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, world):
     assert _cma_proposals(study) == _cma_proposals(load(clean))
 
 
+def test_a_timed_out_search_is_resumable_and_rescored_on_held_out(tmp_path, world):
+    fam, target = world
+    space = write_space(tmp_path / "space.yaml", ps_space(fam, target, budget={"trials": 10_000},
+                                                          optimizer={"popsize": 4}))
+    out = tmp_path / "study"
+    result = start_search(space, out, progress=False, timeout=1.0)
+    assert not result.complete and 0 < result.stages["ps"]["finished"] < 10_000
+    header, row = (out / "pareto.csv").read_text().splitlines()[:2]
+    header, row = header.split(","), row.split(",")
+    assert row[header.index("heldout.combined")] != ""  # the front got its held-out scores anyway
+
+
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path, world):
     fam, target = world
     # a copy of expert2 with a NaN in each MLP tensor: every merge with it is non-finite (MergeError), and

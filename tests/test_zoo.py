@@ -35,9 +35,9 @@ def test_zoo_loads_and_experts_beat_base_on_own_skill():
     """Each expert beats the base on its own skill's full held-out split by more than 2 standard errors."""
     import math
 
+    base, tok = load_model(ZOO / "base")
     for skill, name in EXPERT_NAMES.items():
         sc = Scorer(load_suite(ROOT / "evals" / f"zoo_{skill}.yaml"), "held-out", batch_size=128)
-        base, tok = load_model(ZOO / "base")
         expert, _ = load_model(ZOO / name)
         b, e = sc.score(base, tok), sc.score(expert, tok)
         assert b.n == e.n == 300

@@ -145,7 +145,9 @@ def register(sub) -> None:
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     p.add_argument("--study-dir", default=None, help="results folder (default results/<space name>)")
     p.add_argument("--trials", type=int, default=None, help="trial budget (default: the YAML's budget.trials)")
-    p.add_argument("--timeout", default=None, help="stop after this long, e.g. 8h, 45m (resume continues)")
+    p.add_argument("--timeout", default=None,
+                   help="stop proposing after this long, e.g. 8h, 45m; the front is then re-scored on "
+                        "held-out (resume continues)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL (default sqlite:///<study-dir>/study.db; postgresql://... works)")
     p.add_argument("--workers", type=int, default=1,
@@ -160,7 +162,7 @@ def register(sub) -> None:
     p = sub.add_parser("resume", help="continue a search after Ctrl-C or a crash, or extend its budget")
     p.add_argument("study_dir")
     p.add_argument("--trials", type=int, default=None, help="new total trial budget")
-    p.add_argument("--timeout", default=None)
+    p.add_argument("--timeout", default=None, help="stop proposing after this long (as for search)")
     p.add_argument("--storage", default=None, help="override the storage URL recorded in study.json")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("-q", "--quiet", action="store_true")

@@ -5,8 +5,8 @@ storage), and runs every stage; ``resume_search`` reopens a folder after Ctrl-C 
 trials left running are marked failed ('interrupted') and retried, completed ones are kept, and
 pycma continues from the state stored after its last told generation. Each stage first scores its
 baselines (the untuned default point of the space and each source model alone) so the front is
-always shown against them. When the budget is spent the Pareto front (and the baselines) are
-re-scored on the held-out split and the report is written.
+always shown against them. When a run ends (budget spent or timeout reached; not on Ctrl-C) the
+Pareto front and the baselines are re-scored on the held-out split and the report is written.
 """
 
 from __future__ import annotations
@@ -339,9 +339,11 @@ def _run(study_dir, meta, space, executor, evaluator_factory, progress, timeout,
                 break
         else:
             complete = True
-        if complete:
-            for stage in meta.stages:
-                run.rescore(stage)
+        # the run ended (budget spent or timeout reached, not Ctrl-C or a crash): the fronts it has
+        # are re-scored on held-out now, so a timed overnight run reports held-out scores too; a
+        # resume re-scores only what joins the front later
+        for stage in stages:
+            run.rescore(stage)
     finally:
         run.close()
         if report:

@@ -34,7 +34,8 @@ from evomerge.search.pareto import front_trials
 from evomerge.search.study import finished, heldout_records, load_study, open_storage, read_meta
 
 
-def _open(study_dir: Path):
+def open_study(study_dir: Path):
+    """(meta, space, {stage: optuna study}) of a study folder."""
     from evomerge.search.driver import open_study_space
 
     meta = read_meta(study_dir)
@@ -191,7 +192,7 @@ def write_stage(study, objectives: list[Objective], out: Path, title: str) -> li
 def write_report(study_dir: str | Path) -> list[Path]:
     """Write every report file of the study; returns their paths."""
     study_dir = Path(study_dir)
-    meta, space, studies = _open(study_dir)
+    meta, space, studies = open_study(study_dir)
     objs = list(space.objectives)
     written = []
     for i, (stage, study) in enumerate(studies.items()):
@@ -206,7 +207,7 @@ def write_report(study_dir: str | Path) -> list[Path]:
 def status(study_dir: str | Path) -> dict[str, Any]:
     """Counts, best so far, front size and ETA of every stage."""
     study_dir = Path(study_dir)
-    meta, space, studies = _open(study_dir)
+    meta, space, studies = open_study(study_dir)
     objs = list(space.objectives)
     out: dict[str, Any] = {"name": meta.name, "storage": meta.storage, "stages": {}}
     for stage, study in studies.items():
@@ -253,7 +254,7 @@ def export_recipe(study_dir: str | Path, out: str | Path, *, trial: int | None =
                   fmt: str = "evomerge", stage: str | None = None) -> Path:
     """Write the recipe of trial ``trial`` (default: the best, by ``objective`` if given) to ``out``."""
     study_dir = Path(study_dir)
-    meta, space, studies = _open(study_dir)
+    meta, space, studies = open_study(study_dir)
     stage = stage or meta.stages[-1]
     if stage not in studies:
         raise StudyError(f"unknown stage {stage!r}; this study has {', '.join(studies)}")
