@@ -218,18 +218,61 @@ def test_breadcrumbs_match_reference(method, elect, shape):
     close(out, ref_gta(base, srcs, w, normalize=True, elect=elect, keep=keep), shape)
 
 
+M64 = (1 << 64) - 1
+
+
+def ref_splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def ref_dare_keep(seed, source, j, density):
+    """The documented DARE mask in plain Python integers (unsigned 32-bit arithmetic)."""
+    key = ref_splitmix64(ref_splitmix64(seed) + source) & 0xFFFFFFFF
+    x = (j + key) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x ^= x >> 15
+    return (x >> 8) < round(density * 2 ** 24)
+
+
 @pytest.mark.parametrize("method,elect", [("dare_linear", False), ("dare_ties", True)])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dare_matches_reference_masks(method, elect, shape):
     base, srcs = family(shape, dtype=torch.bfloat16)
     w, dens = [0.8, 0.5, 1.1], [0.5, 0.7, 0.3]
-    # the documented random stream: one float32 uniform per entry and source, in order; kept where u < density
-    g = gen(11)
-    masks = [torch.empty(shape).uniform_(generator=g) < d for d in dens]  # DARE draws: uniform < density
-    keep = [set(torch.nonzero(m.reshape(-1)).reshape(-1).tolist()) for m in masks]
+    # the documented counter-based masks: a hash of (seed, source, flat index) against density * 2^24
+    keep = [{j for j in range(base.numel()) if ref_dare_keep(11, i, j, d)} for i, d in enumerate(dens)]
     scale = [[1 / d] * base.numel() for d in dens]
     out = get_method(method)(srcs, base, generator=gen(11), weight=w, density=dens)
     close(out, ref_gta(base, srcs, w, elect=elect, keep=keep, scale=scale), shape)
+
+
+def test_dare_masks_law_and_chunking():
+    """Keep rate within 5 standard errors of the density, sources independent (joint rate ~ product),
+    the same mask whatever the chunking, the plain-Python hash at scattered positions."""
+    from evomerge.methods.sparsify import dare_key, dare_mask
+
+    n = 1 << 20
+    for d in (0.05, 0.3, 0.9):
+        m = [dare_mask((n,), d, dare_key(123, i), "cpu") for i in range(2)]
+        se = (d * (1 - d) / n) ** 0.5
+        for mi in m:
+            assert abs(mi.double().mean().item() - d) < 5 * se
+        joint = (m[0] & m[1]).double().mean().item()
+        assert abs(joint - d * d) < 5 * (d * d * (1 - d * d) / n) ** 0.5
+        # adjacent entries are independent too
+        pair = (m[0][1:] & m[0][:-1]).double().mean().item()
+        assert abs(pair - d * d) < 5 * (d * d * (1 - d * d) / n) ** 0.5
+    full = dare_mask((n,), 0.4, dare_key(9, 2), "cpu")
+    part = dare_mask((1000,), 0.4, dare_key(9, 2), "cpu", start=777_777)
+    assert torch.equal(part, full[777_777:778_777])
+    for j in (0, 1, 65_535, 262_144, 500_000, n - 1):
+        assert bool(full[j]) == ref_dare_keep(9, 2, j, 0.4)
 
 
 @pytest.mark.parametrize("method,elect", [("della_linear", False), ("della", True)])

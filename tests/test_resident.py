@@ -206,3 +206,46 @@ def test_cuda_matches_reference(fam, fused):
             _close(got, want)
         else:
             assert_same(got, want)
+
+
+def test_partial_tie_groups_are_cut_exactly(tmp_path):
+    """Task vectors on a coarse grid (few distinct magnitudes): thresholds fall inside tie groups,
+    the tensor is cut into segments at the tie cut, and the kept sets stay the reference's top-k."""
+    from safetensors.torch import load_file, save_file
+
+    paths = build_tiny_family(tmp_path, n_experts=3, noise=0.05, seed=4, dtype=torch.bfloat16,
+                              num_layers=2, hidden_size=32, intermediate_size=64)
+    paths = {k: str(v) for k, v in paths.items()}
+    base_sd = load_file(f"{paths['base']}/model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for i in (1, 2, 3):
+        f = f"{paths[f'expert{i}']}/model.safetensors"
+        sd = {k: (base_sd[k].float() + torch.randint(-3, 4, v.shape, generator=g) * 0.01).to(v.dtype)
+              for k, v in load_file(f).items()}
+        save_file(sd, f, metadata={"format": "pt"})
+    # the case under test happens: some threshold splits a tie group
+    name = "model.layers.0.mlp.up_proj.weight"
+    x, b = load_file(f"{paths['expert1']}/model.safetensors")[name], base_sd[name]
+    k = sp.keep_count(x.numel(), 0.37)
+    assert top_cut(rank_order(x, b), x, b, k)[1] < x.numel() - 1
+    e = [paths[f"expert{i}"] for i in (1, 2, 3)]
+    variants = [
+        {"method": "ties", "base": paths["base"], "sources": [
+            {"model": m, "params": {"weight": w, "density": d}} for m, w, d in zip(e, (0.3, 0.5, 0.2), (0.37, 0.13, 0.71))]},
+        {"method": "breadcrumbs_ties", "base": paths["base"], "sources": [
+            {"model": m, "params": {"weight": w, "density": d, "gamma": 0.1}}
+            for m, w, d in zip(e, (0.3, 0.5, 0.2), (0.37, 0.5, 0.6))]},
+    ]
+    for fused in (False, True) if _compiles() else (False,):
+        rs = ResidentSources.load(e, base=paths["base"], fused=fused)
+        for v in variants:
+            recipe = parse_recipe(v)
+            _, want = materialize_state_dict(recipe)
+            got = rs.materialize_into(recipe).state_dict()
+            (_close if fused else assert_same)(got, want)
+
+
+def _compiles() -> bool:
+    from evomerge.resident.kernels import compile_available
+
+    return compile_available(torch.device("cpu"))

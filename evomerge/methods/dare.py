@@ -8,18 +8,27 @@ from evomerge.methods.common import (
 )
 from evomerge.methods.fused import fused_elect_merge, fusable
 from evomerge.methods.registry import register_method
-from evomerge.methods.sparsify import apply_mask_, bernoulli_mask
+from evomerge.methods.sparsify import apply_mask_, dare_key, dare_mask, generator_seed
 from evomerge.methods.task_arithmetic import merge_task_vectors
 
 
+def dare_masks(densities, generator, shape, device) -> list:
+    """Keep masks per source (``None`` where ``density >= 1``: nothing dropped), drawn from the
+    counter-based generator of :mod:`evomerge.methods.sparsify` with ``generator``'s seed."""
+    seed = generator_seed(generator)
+    return [dare_mask(shape, d, dare_key(seed, i), device) if d < 1.0 else None
+            for i, d in enumerate(densities)]
+
+
 def dare_sparsifier(densities, generator, *, rescale: bool, rescale_l1: bool):
-    """Sparsifier keeping each entry with probability ``density`` (random from ``generator`` only)."""
+    """Sparsifier keeping each entry with probability ``density`` (masks from ``generator``'s seed)."""
+    seed = generator_seed(generator)
 
     def run(i, delta):
         density = densities[i]
         if density >= 1.0:
             return delta
-        mask = bernoulli_mask(delta.shape, density, generator, delta.device)
+        mask = dare_mask(delta.shape, density, dare_key(seed, i), delta.device)
         return apply_mask_(delta, mask, rescale=rescale, rescale_l1=rescale_l1, keep_prob=density)
 
     return run
@@ -38,8 +47,9 @@ def _params(normalize: bool):
 
 _DOC_COMMON = """
 
-    Per source: ``tau_i = theta_i - base``; ``m_i ~ Bernoulli(density_i)`` per entry (drawn from the
-    passed seeded ``generator``, sources in order; deterministic for a seed on a given device type);
+    Per source: ``tau_i = theta_i - base``; ``m_i ~ Bernoulli(density_i)`` per entry, from the
+    counter-based generator of :mod:`evomerge.methods.sparsify` keyed by the passed ``generator``'s
+    seed and the source's position (the same masks on every device, whatever the chunking);
     ``tau_i' = m_i * tau_i / density_i`` (``rescale``, the paper's ``1 / (1 - p)`` with drop rate
     ``p = 1 - density``), so ``E[tau_i'] = tau_i``. ``density_i = 1`` skips the drop (no random draws).
 
@@ -53,9 +63,7 @@ _DOC_COMMON = """
 def dare_ties(tensors, base, *, generator=None, **params):
     p = resolve("dare_ties", tensors, base, generator, params)
     if fusable(tensors, base) and not (p["rescale"] and p["rescale_l1"]):
-        # the same random stream as dare_sparsifier: one uniform draw per entry of each pruned source, in order
-        masks = [bernoulli_mask(base.shape, d, generator, base.device) if d < 1.0 else None
-                 for d in p["density"]]
+        masks = dare_masks(p["density"], generator, base.shape, base.device)  # as dare_sparsifier's
         probs = [d if p["rescale"] and m is not None and d > 0 else None for d, m in zip(p["density"], masks)]
         out = fused_elect_merge(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
                                 keep_probs=probs, masks=masks)

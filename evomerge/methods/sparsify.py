@@ -127,15 +127,102 @@ def outlier_mask(delta_abs: torch.Tensor, density: float, gamma: float) -> torch
 # ---------------------------------------------------------------- random drops
 
 
-def bernoulli_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """DARE: boolean mask, each entry kept independently with probability ``p``.
+# DARE's random drops come from a counter-based generator: entry ``j`` of a tensor is kept when
+#
+#     u24(j) = mix32((j + key) mod 2^32) >> 8   <   cutoff(density) = round(density * 2^24)
+#
+# ``mix32`` is a two-round multiply / xor-shift integer hash (C. Wellons' hash-prospector constants,
+# both below 2^31); ``key`` is a 32-bit key per (tensor seed, source), see :func:`dare_key`. The keep
+# probability is ``cutoff / 2^24`` (within 3e-8 of ``density``). A mask is a pure function of
+# (seed, source, flat index): any device, any chunking, any kernel (the reference below, the chunked
+# disk pipeline, the fused resident kernels, CUDA) draws the same mask, and a fused kernel computes
+# it in registers instead of reading a random stream. ``int32`` arithmetic wraps modulo 2^32 on every
+# torch backend (two's complement); logical shifts are an arithmetic shift and a mask.
 
-    Drawn as ``uniform[0, 1) < p`` (float32 uniforms from ``generator``, in flat order): the same
-    law as ``bernoulli_`` up to float32 resolution, and about 3x faster on CPU, where ``bernoulli_``
-    costs ~12 ns per entry. The resident materializer draws the same uniforms into a reused buffer.
+HASH_M1 = 0x21F0AAAD
+HASH_M2 = 0x735A2D97
+DARE_BITS = 24
+_MASK_CHUNK = 1 << 18  # entries per chunk of the reference mask (int32 temporaries stay in L2)
+
+
+def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of an int32 tensor."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit integer hash of the DARE masks, on int32 tensors (bit patterns of uint32 values)."""
+    x = x ^ _lsr(x, 16)
+    x = x * HASH_M1
+    x = x ^ _lsr(x, 15)
+    x = x * HASH_M2
+    return x ^ _lsr(x, 15)
+
+
+def dare_uniform24(counter: torch.Tensor) -> torch.Tensor:
+    """``mix32(counter) >> 8`` (logical): 24 uniform bits per entry, as int32 in ``[0, 2^24)``."""
+    return _lsr(mix32(counter), 32 - DARE_BITS)
+
+
+def dare_cutoff(density: float) -> int:
+    """Keep an entry when its 24-bit uniform is below this: ``round(density * 2^24)`` in ``[0, 2^24]``."""
+    return max(0, min(1 << DARE_BITS, round(float(density) * (1 << DARE_BITS))))
+
+
+def _splitmix64(z: int) -> int:
+    m = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def dare_key(seed: int, source: int) -> int:
+    """The 32-bit mask key (in ``[0, 2^32)``) of ``source`` for a tensor whose seed is ``seed``."""
+    return _splitmix64(_splitmix64(int(seed) & ((1 << 64) - 1)) + int(source)) & 0xFFFFFFFF
+
+
+def dare_mask(shape: torch.Size, density: float, key: int, device: torch.device | str,
+              start: int = 0) -> torch.Tensor:
+    """DARE keep mask (bool, ``shape``) of entries ``start .. start + numel - 1`` for ``key`` (see above).
+
+    Computed in chunks of 64K entries, so the temporaries stay small whatever the tensor's size.
     """
-    u = torch.empty(shape, dtype=F32, device=device).uniform_(generator=generator)
-    return u < p
+    n = math.prod(shape)
+    if start < 0 or start + n > 1 << 32:
+        raise ValueError(f"DARE masks address at most 2^32 entries per tensor (got entries {start} .. {start + n})")
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    cut = dare_cutoff(density)
+    m = min(n, _MASK_CHUNK)
+    idx = torch.arange(m, dtype=torch.int64, device=device)
+    wide = torch.empty(m, dtype=torch.int64, device=device)
+    x = torch.empty(m, dtype=torch.int32, device=device)
+    t = torch.empty_like(x)
+    for s in range(0, n, _MASK_CHUNK):
+        e = min(n, s + _MASK_CHUNK)
+        L = e - s
+        xs, ts = x[:L], t[:L]
+        xs.copy_(torch.add(idx[:L], start + s + key, out=wide[:L]))  # the counter, mod 2^32
+        _mix32_(xs, ts)
+        torch.lt(_lsr_(xs, 32 - DARE_BITS), cut, out=out[s:e])
+    return out.view(shape)
+
+
+def _lsr_(x: torch.Tensor, s: int) -> torch.Tensor:
+    return x.bitwise_right_shift_(s).bitwise_and_((1 << (32 - s)) - 1)
+
+
+def _mix32_(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place on ``x`` (``t``: a scratch tensor like ``x``); the same values."""
+    x.bitwise_xor_(_lsr_(t.copy_(x), 16)).mul_(HASH_M1)
+    x.bitwise_xor_(_lsr_(t.copy_(x), 15)).mul_(HASH_M2)
+    return x.bitwise_xor_(_lsr_(t.copy_(x), 15))
+
+
+def generator_seed(generator: torch.Generator) -> int:
+    """The seed a stochastic method draws its masks from: the generator's ``initial_seed()``
+    (materialization seeds one generator per tensor; see :mod:`evomerge.materialize`)."""
+    return int(generator.initial_seed())
 
 
 def rank_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

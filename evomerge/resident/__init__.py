@@ -13,9 +13,13 @@ nothing the size of a model is allocated per candidate.
   the resident checkpoints (headers only) and each output tensor's resolved
   :class:`~evomerge.materialize.TensorOp` (method, inputs, parameters, seed, scale) is executed here.
 * TIES / breadcrumbs thresholds come from per-(source, base) rank orders computed once
-  (:mod:`evomerge.resident.stats`), so the exact top-k set of any density costs two element reads.
-* DARE masks are boolean, drawn on the device per tensor from the same seeded generator calls as
-  the reference (bit-identical masks); no float mask is ever built.
+  (:mod:`evomerge.resident.stats`), so the exact top-k set of any density costs a few element
+  reads. Where a tie group at a threshold is only partly kept, the tensor is cut into contiguous
+  segments at the tie cut, and each segment keeps ``|d| >= t`` with its own ``t`` (the threshold,
+  or the next float32 above it): the exact set, with no index arithmetic in the kernel.
+* DARE masks come from the counter-based generator of :mod:`evomerge.methods.sparsify`, computed
+  inside the kernel from (seed, source, flat index): no random stream, no mask in memory, and the
+  same masks as the reference on every device.
 * Fast paths: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs(_ties), slerp,
   stacks and data-flow paths. Other methods (della, model_stock, passthrough, rescale_l1) run the
   reference kernel on the resident tensors (exact; one tensor's temporaries at a time).
@@ -29,6 +33,7 @@ cast (one output-dtype ulp at most, rarely).
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Mapping
 
 import torch
@@ -39,7 +44,7 @@ from evomerge.materialize import OutputTensor, Plan, TensorRef, plan_recipe
 from evomerge.methods import get_method
 from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
-from evomerge.methods.sparsify import keep_count, outlier_counts
+from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_key, keep_count, outlier_counts
 from evomerge.recipe import Recipe, model_refs
 from evomerge.resident.kernels import P_STRIDE, compile_available, get_kernel
 from evomerge.resident.stats import INF, rank_order, top_cut
@@ -48,20 +53,28 @@ from evomerge.resident.stats import INF, rank_order, top_cut
 TASK_VECTOR_METHODS = {
     "task_arithmetic": ("none", False),
     "ties": ("thr", True),
-    "dare_ties": ("mask", True),
-    "dare_linear": ("mask", False),
+    "dare_ties": ("hash", True),
+    "dare_linear": ("hash", False),
     "breadcrumbs": ("band", False),
     "breadcrumbs_ties": ("band", True),
 }
 FAST_METHODS = (*TASK_VECTOR_METHODS, "linear", "slerp")
 
 
-class _Job:
-    __slots__ = ("kind", "name", "out", "args", "static", "p", "c", "draw")
+def _next_up(v: float) -> float:
+    """The smallest float32 above ``v`` (``|d| >= _next_up(v)`` is ``|d| > v`` for float32 ``d``)."""
+    if v == INF or v < 0:
+        return v
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))
+    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
 
-    def __init__(self, kind, name, out, args=(), static=None, p=(), c=(), draw=None):
+
+class _Job:
+    __slots__ = ("kind", "name", "out", "args", "static", "p", "c")
+
+    def __init__(self, kind, name, out, args=(), static=None, p=(), c=()):
         self.kind, self.name, self.out, self.args = kind, name, out, args
-        self.static, self.p, self.c, self.draw = static or {}, list(p), list(c), draw
+        self.static, self.p, self.c = static or {}, list(p), list(c)
 
 
 class ResidentSources:
@@ -74,9 +87,6 @@ class ResidentSources:
         self.device, self.fused, self.use_stats = device, fused, stats
         self._orders: dict[tuple, torch.Tensor] = {}     # (source ref, base ref) -> rank order
         self._slerp: dict[tuple, tuple] = {}              # (source ref, base ref) -> (n0, n1, dot)
-        self._masks: list[torch.Tensor] = []              # DARE mask buffers, one per source
-        self._ones: torch.Tensor | None = None
-        self._uniform: torch.Tensor | None = None            # DARE uniforms (reused)
         self._targets: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._models_by_shape: dict[tuple, torch.nn.Module] = {}
         self._gen = torch.Generator(device=device)
@@ -203,7 +213,7 @@ class ResidentSources:
         if target is None:
             target = self.model_for(recipe, plan)
         dst = self._target_dict(target)
-        jobs = [self._job(ot, dst) for ot in plan.tensors]
+        jobs = [j for ot in plan.tensors for j in self._jobs(ot, dst)]
         self._run(jobs, check_finite)
         return target
 
@@ -216,7 +226,11 @@ class ResidentSources:
                              f"expected a contiguous {ot.shape} tensor on {self.device}")
         return out.view(-1)
 
-    def _job(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> _Job:
+    def _jobs(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> list[_Job]:
+        job = self._job(ot, dst)
+        return job if isinstance(job, list) else [job]
+
+    def _job(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> _Job | list[_Job]:
         out, op = self._out(ot, dst), ot.op
         if op.kind == "copy":  # data-flow / stack layer: a copy, maybe scaled (folded)
             src = self._tensor(op.inputs[0]).view(-1)
@@ -249,17 +263,19 @@ class ResidentSources:
             return None
         return _Job("linear", name, out, ([x.view(-1) for x, _ in kept],), p=[w for _, w in kept])
 
-    def _task_vector_job(self, name, out, method, xs, base, srcs, base_ref, p, seed) -> _Job:
+    def _task_vector_job(self, name, out, method, xs, base, srcs, base_ref, p, seed) -> list[_Job]:
+        """One job per segment of the tensor (see :mod:`evomerge.resident.kernels`): magnitude
+        trims cut the tensor where a tie group at a threshold is only partly kept."""
         mode, elect = TASK_VECTOR_METHODS[method]
         n, numel = len(xs), base.numel()
         dens = p.get("density", [1.0] * n)
         if all(d >= 1.0 for d in dens):
             mode = "none"
         rescale = p.get("rescale", False)
-        pv, cv = [], []
-        for i, (x, w, d) in enumerate(zip(xs, p["weight"], dens)):
-            div = d if (d < 1.0 and rescale and d > 0) else 1.0
-            hi, lo = (-1.0, numel), (INF, -1)  # keep everything
+        divs = [d if (d < 1.0 and rescale and d > 0) else 1.0 for d in dens]
+        cuts: list[tuple[tuple[float, int], tuple[float, int]]] = []  # per source: (hi, lo) (thr, cut)
+        for i, d in enumerate(dens):
+            hi, lo = (-1.0, numel), (INF, numel)  # keep everything
             if mode in ("thr", "band") and d < 1.0:
                 key = (srcs[i], base_ref)
                 xh, bh = self._host(srcs[i]), self._host(base_ref)
@@ -269,15 +285,29 @@ class ResidentSources:
                     n_top, n_keep = outlier_counts(numel, d, p["gamma"][i])
                     hi = self._top_cut(key, xs[i], base, xh, bh, n_top + n_keep)
                     lo = self._top_cut(key, xs[i], base, xh, bh, n_top)
-            pv += [w, hi[0], lo[0], div]
-            cv += [hi[1], lo[1]]
+            cuts.append((hi, lo))
         total = float(sum(p["weight"]))
         norm_div = total if (not elect and p["normalize"] and abs(total) >= 1e-8) else 1.0
-        pv += [p["lambda"], norm_div]
-        draw = [d if d < 1.0 else None for d in dens] if mode == "mask" else None
-        static = dict(mode=mode, elect=elect, normalize=bool(elect and p["normalize"]))
-        return _Job("task_vector", name, out, ([x.view(-1) for x in xs], base.view(-1)), static, pv, cv,
-                    draw=(seed, draw) if draw else None)
+        tail = [p["lambda"], norm_div]
+        static = dict(mode=mode, elect=elect, normalize=bool(elect and p["normalize"]),
+                      rescale=any(v != 1.0 for v in divs))
+        flat_xs, flat_b = [x.view(-1) for x in xs], base.view(-1)
+        if mode == "hash":
+            cv = [0]
+            for i, d in enumerate(dens):
+                cv += [dare_key(seed, i), dare_cutoff(d) if d < 1.0 else 1 << DARE_BITS]
+            pv = [v for w, dv in zip(p["weight"], divs) for v in (w, -1.0, INF, dv)] + tail
+            return [_Job("task_vector", name, out, (flat_xs, flat_b), static, pv, cv)]
+        bounds = sorted({c + 1 for hl in cuts for _, c in hl if 0 <= c + 1 < numel} | {0, numel})
+        jobs = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            pv = []
+            for (hi, lo), w, dv in zip(cuts, p["weight"], divs):  # ties kept up to each cut
+                pv += [w, hi[0] if e - 1 <= hi[1] else _next_up(hi[0]),
+                       lo[0] if e - 1 <= lo[1] else _next_up(lo[0]), dv]
+            jobs.append(_Job("task_vector", name, out[s:e], ([x[s:e] for x in flat_xs], flat_b[s:e]),
+                             static, pv + tail, [0]))
+        return jobs
 
     def _top_cut(self, key, x, base, xh, bh, k: int) -> tuple[float, int]:
         numel = x.numel()
@@ -297,6 +327,8 @@ class ResidentSources:
         thr = magnitude_threshold(a, k)
         above = int((a > thr).sum())
         ties = torch.nonzero(a == thr).view(-1)
+        if ties.numel() == k - above:
+            return float(thr), numel  # every tie is kept
         return float(thr), int(ties[k - above - 1])
 
     def _slerp_job(self, name, out, x, base, src_ref, base_ref, t) -> _Job:
@@ -319,14 +351,6 @@ class ResidentSources:
 
     # ------------------------------------------------------------------ execution
 
-    def _mask_buffers(self, n: int) -> list[torch.Tensor]:
-        while len(self._masks) < n:
-            self._masks.append(torch.empty(self.max_numel, dtype=torch.bool, device=self.device))
-        if self._ones is None:
-            self._ones = torch.ones(self.max_numel, dtype=torch.bool, device=self.device)
-            self._uniform = torch.empty(self.max_numel, dtype=torch.float32, device=self.device)
-        return self._masks
-
     def _params(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
         """All jobs' ``p`` / ``c`` values in one float32 and one int64 device tensor (one copy)."""
         pf, cf, po, co = [], [], [], []
@@ -343,6 +367,9 @@ class ResidentSources:
         return pt, ct, po, co
 
     def _run(self, jobs: list[_Job], check_finite: bool) -> None:
+        # largest first: on CPU, interleaving tiny kernels (norms) with large ones measured 1.6x
+        # slower over a whole model than running the tiny ones last (OpenMP thread wake-ups)
+        jobs = sorted(jobs, key=lambda j: -j.out.numel())
         pt, ct, po, co = self._params(jobs)
         flags: list[tuple[str, torch.Tensor]] = []
         with torch.no_grad():
@@ -355,22 +382,8 @@ class ResidentSources:
                 elif j.kind == "ref":
                     flags.append((j.name, self._run_reference(j)))
                 elif j.kind == "task_vector":
-                    xs, base = j.args
-                    masks = None
-                    if j.draw is not None:
-                        seed, dens = j.draw
-                        bufs = self._mask_buffers(len(xs))
-                        self._gen.manual_seed(seed)
-                        masks = []
-                        n = base.numel()
-                        for buf, d in zip(bufs, dens):
-                            if d is None:
-                                masks.append(self._ones[:n])
-                            else:  # the same uniforms, in the same order, as sparsify.bernoulli_mask
-                                u = self._uniform[:n].uniform_(generator=self._gen)
-                                masks.append(torch.lt(u, d, out=buf[:n]))
                     fn = get_kernel("task_vector", self.fused, **j.static)
-                    flags.append((j.name, fn(j.out, base, xs, masks, p, c, pl)))
+                    flags.append((j.name, fn(j.out, j.args[1], j.args[0], p, c, pl)))
                 elif j.kind == "linear":
                     flags.append((j.name, get_kernel("linear", self.fused)(j.out, j.args[0], p, pl)))
                 elif j.kind == "slerp":

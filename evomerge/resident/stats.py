@@ -33,13 +33,16 @@ def rank_order(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def top_cut(order: torch.Tensor, x_host: torch.Tensor, base_host: torch.Tensor, k: int) -> tuple[float, int]:
     """``(thr, cut)`` describing the top-``k`` set (see module doc); ``k = 0`` keeps nothing,
-    ``k >= numel`` everything."""
+    ``k >= numel`` everything. ``cut = numel`` when no entry beyond the ``k``-th ties with it (then
+    the set is simply ``|d| >= thr``)."""
     n = order.numel()
     if k <= 0:
         return INF, -1
     if k >= n:
         return -1.0, n
-    q = int(order[k - 1])
-    xv = x_host.reshape(-1)[q].float()
-    bv = base_host.reshape(-1)[q].float()
-    return float((xv - bv).abs()), q
+    at = order[k - 1:k + 1].long()  # the k-th entry and the one after it
+    q, nxt = at.tolist()
+    thr, after = (x_host.reshape(-1)[at].float() - base_host.reshape(-1)[at].float()).abs().tolist()
+    if after != thr:
+        return thr, n  # no tie beyond the k-th: every entry >= thr is kept
+    return thr, q
