@@ -315,10 +315,19 @@ class Checkpoint:
         return self._entry(name).dtype
 
     def nbytes(self, name: str) -> int:
+        """Stored bytes of ``name`` (a tied ``lm_head.weight``: the embedding's)."""
+        if name not in self._entries and name == TIED_HEAD and self.tie_word_embeddings:
+            name = self.embedding_name  # type: ignore[assignment]
         return self._entry(name).nbytes
 
-    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One tensor in its stored dtype; a tied ``lm_head.weight`` reads the embedding."""
+    def read(self, name: str, device: str | torch.device = "cpu", *,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor in its stored dtype; a tied ``lm_head.weight`` reads the embedding.
+
+        ``buffer``: a uint8 CPU tensor of at least the tensor's byte size to read into (the result is
+        a view of it). Reusing one buffer avoids faulting in fresh pages on every read, which made
+        ``pread`` 4-5x slower on CPU (1.4 vs 6 GB/s from the page cache).
+        """
         if name not in self._entries and name == TIED_HEAD and self.tie_word_embeddings:
             name = self.embedding_name  # type: ignore[assignment]
         entry = self._entry(name)
@@ -332,7 +341,14 @@ class Checkpoint:
                                           f"re-export the model") from e
                 self._handles[entry.file] = fd
         # pread into a fresh tensor: one copy from the page cache, no mmap (so RSS stays one tensor).
-        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if buffer is None:
+            buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        elif buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or buffer.numel() < entry.nbytes \
+                or not buffer.is_contiguous():
+            raise ValueError(f"read buffer for {name!r} must be a contiguous uint8 CPU tensor of at least "
+                             f"{entry.nbytes} bytes")
+        else:
+            buf = buffer.view(-1)[:entry.nbytes]
         view = memoryview(buf.numpy())
         done = 0
         while done < entry.nbytes:

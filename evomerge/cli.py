@@ -7,6 +7,7 @@ Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = merge_to_disk(recipe, out, device=_device(args.device), dtype=args.dtype,
                          shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    global _FAST_EXIT
+    _FAST_EXIT = True  # the output is complete and renamed; nothing left to clean up
     return 0
+
+
+# Set by commands whose work is fully on disk when they return (``merge``): the console entry point
+# then skips the interpreter's teardown of torch and the freed tensors (0.2-0.5 s of a ~4 s merge).
+# Commands that own processes or databases (search: Ray, optuna storages) never set it.
+_FAST_EXIT = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,5 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console entry point: :func:`main`, then exit (fast where the command allows it)."""
+    code = main()
+    if _FAST_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -5,7 +5,9 @@ Builds (once, cached) a base and three fine-tunes locally, then for linear, ties
 `evomerge merge` and, when mergekit is installed (scripts/setup_mergekit.sh, or --mergekit PATH to
 a mergekit-yaml), `mergekit-yaml` on the same config in the same run. Each merge runs in its own
 process; wall time and that process's peak RSS (from wait4) are reported, with GB/s counted as
-bytes read (every input once) plus bytes written, and the ratios mergekit / evomerge.
+bytes read (every input once) plus bytes written, and the ratios mergekit / evomerge. The tools
+alternate, ``--reps`` times each (the fastest run of each is reported, all are printed); before
+every run the previous output is deleted and dirty pages are flushed, outside the clock.
 
     python scripts/bench_merge.py                  # evomerge only, or both if mergekit is set up
     python scripts/bench_merge.py --mergekit auto  # run scripts/setup_mergekit.sh first
@@ -52,8 +54,15 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one child process."""
+def run_measured(cmd: list[str], env: dict | None = None, clear: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one child process.
+
+    Before the clock starts: ``clear`` (the previous output) is removed and dirty pages are flushed
+    (``sync``), so neither tool pays for the other's deletes or writeback.
+    """
+    if clear is not None:
+        shutil.rmtree(clear, ignore_errors=True)
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -101,6 +110,7 @@ def main() -> int:
     ap.add_argument("--methods", default="linear,ties,dare_ties")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml, 'auto' to set it up, 'none' to skip")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=2, help="runs per tool and method (the fastest is reported)")
     args = ap.parse_args()
     work = Path(args.workdir)
     fam = build_family(work / "family")
@@ -113,16 +123,22 @@ def main() -> int:
         read = sum(dir_bytes(p) for p in sources)
         (work / f"{method}.yaml").write_text(yaml.safe_dump(ours))
         (work / f"{method}.mergekit.yaml").write_text(yaml.safe_dump(theirs))
-        out = work / f"out-{method}"
-        wall, rss = run_measured([sys.executable, "-m", "evomerge.cli", "merge", str(work / f"{method}.yaml"),
-                                  str(out), "--overwrite", "-q", "--device", args.device], env)
+        out, mout = work / f"out-{method}", work / f"mk-{method}"
+        ours_runs, mk_runs = [], []
+        for _ in range(args.reps):  # the two tools alternate; each run starts from the same state
+            ours_runs.append(run_measured([sys.executable, "-m", "evomerge.cli", "merge",
+                                           str(work / f"{method}.yaml"), str(out), "-q", "--device",
+                                           args.device], env, clear=out))
+            if mk:
+                mk_runs.append(run_measured([mk, str(work / f"{method}.mergekit.yaml"), str(mout)], env,
+                                            clear=mout))
+        wall, rss = min(ours_runs)
         gbs = (read + dir_bytes(out)) / wall / 1e9
-        row = {"method": method, "ours_s": wall, "ours_rss": rss, "ours_gbs": gbs}
+        row = {"method": method, "ours_s": wall, "ours_rss": rss, "ours_gbs": gbs,
+               "ours_all_s": [round(w, 2) for w, _ in ours_runs]}
         if mk:
-            mout = work / f"mk-{method}"
-            shutil.rmtree(mout, ignore_errors=True)
-            mwall, mrss = run_measured([mk, str(work / f"{method}.mergekit.yaml"), str(mout)], env)
-            row.update(mk_s=mwall, mk_rss=mrss, speedup=mwall / wall)
+            mwall, mrss = min(mk_runs)
+            row.update(mk_s=mwall, mk_rss=mrss, speedup=mwall / wall, mk_all_s=[round(w, 2) for w, _ in mk_runs])
         rows.append(row)
         print(row, file=sys.stderr)
     print(f"\nfamily: {SHAPE} bf16, {dir_bytes(fam['base']) / 1e9:.2f} GB per model; device {args.device}")

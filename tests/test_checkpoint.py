@@ -362,3 +362,16 @@ def test_streaming_peak_memory_is_one_tensor(tmp_path):
     assert wrote < 2.2 * largest, f"write peak +{wrote / 2**20:.0f} MiB for {n} x {mb} MiB tensors"
     assert total < 2.2 * largest, f"read peak +{total / 2**20:.0f} MiB for {n} x {mb} MiB tensors"
     assert len([p for p in (tmp_path / "big").iterdir() if p.suffix == ".safetensors"]) == 3
+
+
+def test_read_into_reused_buffer(tmp_path):
+    path = build_tiny_model(tmp_path / "m", dtype=torch.bfloat16, max_shard_size="100KB")
+    ck = Checkpoint.open(path)
+    big = max(ck.names, key=ck.nbytes)
+    buf = torch.empty(ck.nbytes(big), dtype=torch.uint8)
+    for name in ck.names:
+        got = ck.read(name, buffer=buf)
+        assert got.data_ptr() == buf.data_ptr()
+        assert torch.equal(got, ck.read(name))
+    with pytest.raises(ValueError, match="at least"):
+        ck.read(big, buffer=torch.empty(ck.nbytes(big) - 1, dtype=torch.uint8))

@@ -98,6 +98,9 @@ def test_stack_layer_count_and_layer_types(tmp_path):
     got, e1 = read_all(out), read_all(fam["expert1"])
     assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], e1["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(got["model.norm.weight"], e1["model.norm.weight"])
+    # the streamed copies (views of reused read buffers until written) equal the in-memory result
+    _, want = materialize_state_dict(recipe)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     generate(out)
 
 
@@ -209,6 +212,13 @@ def test_cli_merge_errors_and_overwrite(tmp_path, family, capsys):
     proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(bad), str(tmp_path / "o4")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "error:" in proc.stderr
+    # a successful merge exits fast (no interpreter teardown) with status 0 and a complete output
+    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(rfile), str(tmp_path / "o5")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "wrote" in proc.stderr
+    _, want = materialize_state_dict(recipe)
+    got = read_all(tmp_path / "o5")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_missing_model_is_a_checkpoint_error(tmp_path):

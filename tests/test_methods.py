@@ -500,3 +500,32 @@ def test_cuda_threshold_paths_match_cpu():
     a = rand((50, 40), 2).abs().bfloat16().float()  # many ties
     for k in (0, 1, 300, 1000, 1001, 1999, 2000):
         assert torch.equal(sp.top_k_mask(a.cuda(), k).cpu(), sp.top_k_mask(a, k)), k
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_chunked_cpu_pipeline_matches_plain(case):
+    """The chunked CPU pipeline (methods/fused.py, tensors of >= 32K entries, several chunks) equals
+    the plain whole-tensor pipeline: coarse bf16 task vectors (thresholds inside tie groups),
+    negative and zero weights, densities 0 and 1, rescale, normalize."""
+    from evomerge.methods.dare import dare_sparsifier
+    from evomerge.methods.fused import CHUNK
+    from evomerge.methods.task_arithmetic import merge_task_vectors
+    from evomerge.methods.ties import magnitude_sparsifier
+
+    g = gen(case)
+    n = 2 * CHUNK + 12_345
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    srcs = [(base.float() + torch.randint(-4, 5, (n,), generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    w = [[0.5, 0.3, 0.2], [0.5, -0.3, 0.2], [1.0, 0.0, 0.7], [0.4, 0.4, 0.4], [-0.2, -0.5, 0.9], [0.3, 0.6, 0.1]][case]
+    dens = [[0.3, 0.55, 0.8], [0.2, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.9, 0.1, 0.45], [1.0, 1.0, 1.0]][case]
+    for normalize in (True, False):
+        for rescale in (False, True):
+            kw = dict(weight=w, density=dens, normalize=normalize, rescale=rescale, **{"lambda": 0.8})
+            got = get_method("ties")(srcs, base, **kw)
+            want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
+                                      sparsify=magnitude_sparsifier(dens, rescale=rescale, rescale_l1=False))
+            assert torch.equal(got, want), ("ties", case, normalize, rescale, (got - want).abs().max())
+            got = get_method("dare_ties")(srcs, base, generator=gen(7), **kw)
+            want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
+                                      sparsify=dare_sparsifier(dens, gen(7), rescale=rescale, rescale_l1=False))
+            assert torch.equal(got, want), ("dare_ties", case, normalize, rescale, (got - want).abs().max())

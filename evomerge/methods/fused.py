@@ -201,6 +201,11 @@ def fused_elect_merge(
     div = torch.empty(L0, dtype=F32) if normalize else None
     zero_div = torch.empty(L0, dtype=torch.bool) if normalize else None
     bufs = {i: torch.empty(L0, dtype=F32) for i in live}
+    # with no negative weight a zero divisor means no source agrees (a zero never agrees), so the
+    # merged value there is 0 and clamping the divisor to the smallest normal float is exact
+    # (and cheaper than finding the zeros)
+    clamp_div = all(weights[i] >= 0 for i in live)
+    tiny = torch.finfo(F32).tiny
     for s, e in _chunks(n):
         L = e - s
         b = bb[:L].copy_(bf[s:e])
@@ -225,16 +230,28 @@ def fused_elect_merge(
             tot.add_(d)
         # elected sign: +1 where the weighted sum is >= 0 (it is never -0: it starts at +0)
         sg = torch.copysign(ones[:L], tot, out=sgn[:L])
-        acc = out[s:e].zero_()
-        dv = div[:L].zero_() if div is not None else None
-        for i in live:
+        acc = out[s:e]
+        dv = div[:L] if div is not None else None
+        if not live:  # every source dropped: the base
+            acc.zero_()
+            if dv is not None:
+                dv.zero_()
+        for j, i in enumerate(live):
             r = bufs[i][:L].mul_(sg).relu_()  # |w_i delta_i| where it agrees with the election
+            if j == 0:  # (the sums start from the first term instead of from +0: the same values)
+                acc.copy_(r)
+                if dv is not None:
+                    torch.mul(r.sign_(), weights[i], out=dv)
+                continue
             acc.add_(r)
             if dv is not None:
                 dv.add_(r.sign_(), alpha=weights[i])
         acc.mul_(sg)
         if dv is not None:
-            dv.masked_fill_(torch.eq(dv, 0, out=zero_div[:L]), 1.0)
+            if clamp_div:
+                dv.clamp_min_(tiny)
+            else:
+                dv.masked_fill_(torch.eq(dv, 0, out=zero_div[:L]), 1.0)
             acc.div_(dv)
         if lam != 1.0:
             acc.mul_(lam)
