@@ -13,6 +13,7 @@ tensor. Everything goes to a temporary directory beside the output, renamed into
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -507,7 +508,16 @@ class CheckpointWriter:
         with open(self.tmp / self.files[i], "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            f.truncate(start + offset)  # full size now (sparse); tensors fill it in any order
+            f.truncate(start + offset)  # full size now; tensors fill it in any order
+            if offset and hasattr(os, "posix_fallocate"):
+                try:  # reserve the blocks now: a full disk fails here, and the writes stay simple copies
+                    os.posix_fallocate(f.fileno(), start, offset)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise CheckpointError(f"{self.out}: no space left for {self.files[i]} "
+                                              f"({start + offset} bytes); free disk space or choose "
+                                              "another output folder") from e
+                    # filesystems without fallocate support: the sparse file works as well
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -525,7 +525,29 @@ def test_chunked_cpu_pipeline_matches_plain(case):
             want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
                                       sparsify=magnitude_sparsifier(dens, rescale=rescale, rescale_l1=False))
             assert torch.equal(got, want), ("ties", case, normalize, rescale, (got - want).abs().max())
+            # rounded to the output dtype chunk by chunk: the float32 result rounded once
+            for dt in (torch.bfloat16, torch.float16):
+                assert torch.equal(get_method("ties")(srcs, base, out_dtype=dt, **kw), want.to(dt))
             got = get_method("dare_ties")(srcs, base, generator=gen(7), **kw)
             want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
                                       sparsify=dare_sparsifier(dens, gen(7), rescale=rescale, rescale_l1=False))
             assert torch.equal(got, want), ("dare_ties", case, normalize, rescale, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_linear_matches_plain(monkeypatch, dtype):
+    """Linear on CPU tensors of >= 32K entries runs chunk by chunk: the same values as the
+    whole-tensor loop, and the weighted mean within float32 rounding of a float64 reference."""
+    import evomerge.methods.linear as lin
+    from evomerge.methods.fused import CHUNK
+
+    g = gen(3)
+    xs = [torch.randn(2, CHUNK + 777, generator=g).to(dtype) for _ in range(3)]
+    w = [0.3, 0.0, 0.9]
+    got = get_method("linear")(xs, None, weight=w)
+    ref = sum(wi * x.double() for wi, x in zip(w, xs)) / sum(w)
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(get_method("linear")(xs, None, weight=w, out_dtype=dt), got.to(dt))
+    monkeypatch.setattr(lin, "fusable", lambda *a: False)
+    assert torch.equal(got, get_method("linear")(xs, None, weight=w))

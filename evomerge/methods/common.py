@@ -158,6 +158,11 @@ def _cast(p: ParamSpec, v: Any) -> Any:
     return float(v)
 
 
+def cast_out(t: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """A kernel's float32 result in the requested output dtype (``None``: unchanged)."""
+    return t if out_dtype is None else t.to(out_dtype)
+
+
 def f32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float32 on its device; the same object when it already is (never modify it in place)."""
     return t.to(F32)

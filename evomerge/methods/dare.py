@@ -4,7 +4,7 @@ sign election."""
 from __future__ import annotations
 
 from evomerge.methods.common import (
-    LAMBDA, RESCALE_L1, density_param, normalize_param, rescale_param, resolve, weight_param,
+    F32, LAMBDA, cast_out, RESCALE_L1, density_param, normalize_param, rescale_param, resolve, weight_param,
 )
 from evomerge.methods.fused import fused_elect_merge, fusable
 from evomerge.methods.registry import register_method
@@ -60,13 +60,13 @@ _DOC_COMMON = """
     """
 
 
-def dare_ties(tensors, base, *, generator=None, **params):
+def dare_ties(tensors, base, *, generator=None, out_dtype=None, **params):
     p = resolve("dare_ties", tensors, base, generator, params)
     if fusable(tensors, base) and not (p["rescale"] and p["rescale_l1"]):
         masks = dare_masks(p["density"], generator, base.shape, base.device)  # as dare_sparsifier's
         probs = [d if p["rescale"] and m is not None and d > 0 else None for d, m in zip(p["density"], masks)]
         out = fused_elect_merge(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                                keep_probs=probs, masks=masks)
+                                keep_probs=probs, masks=masks, out_dtype=out_dtype or F32)
         if out is not None:
             return out
 
@@ -76,11 +76,11 @@ def dare_ties(tensors, base, *, generator=None, **params):
             return apply_mask_(delta, masks[i], rescale=p["rescale"], rescale_l1=False,
                                keep_prob=p["density"][i])
 
-        return merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                                  elect=True, sparsify=sp)
+        return cast_out(merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"],
+                                           normalize=p["normalize"], elect=True, sparsify=sp), out_dtype)
     sp = dare_sparsifier(p["density"], generator, rescale=p["rescale"], rescale_l1=p["rescale_l1"])
-    return merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                              elect=True, sparsify=sp)
+    return cast_out(merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
+                                       elect=True, sparsify=sp), out_dtype)
 
 
 def dare_linear(tensors, base, *, generator=None, **params):

@@ -156,6 +156,7 @@ def fused_elect_merge(
     densities: Sequence[float] | None = None,
     keep_probs: Sequence[float | None] | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    out_dtype: torch.dtype = F32,
 ) -> torch.Tensor | None:
     """``base + lam * disjoint_merge_i(w_i * s_i * trim_i(theta_i - base))`` in float32, chunked.
 
@@ -163,7 +164,7 @@ def fused_elect_merge(
     index); ``masks``: precomputed boolean keep masks (DARE); ``keep_probs``: per source, divide the
     kept values by this (rescale; ``None``: no rescale). The float32 ops per entry are the plain
     pipeline's, in its order (mask, divide, weight, sum in source order), so results match it
-    bit for bit. Returns ``None`` when a task vector
+    bit for bit. ``out_dtype``: the result's dtype (each float32 chunk rounded once). Returns ``None`` when a task vector
     is not finite, so that the caller can run the plain pipeline (which defines that case).
     """
     shape = base.shape
@@ -192,8 +193,9 @@ def fused_elect_merge(
             if m is not None:
                 plans[i].mask = _flat(m)
 
-    out = torch.empty(n, dtype=F32)
+    out = torch.empty(n, dtype=out_dtype)
     L0 = min(n, CHUNK)
+    accbuf = torch.empty(L0, dtype=F32) if out_dtype != F32 else None
     bb = torch.empty(L0, dtype=F32)
     sgn = torch.empty(L0, dtype=F32)
     ones = torch.ones(L0, dtype=F32)
@@ -230,7 +232,7 @@ def fused_elect_merge(
             tot.add_(d)
         # elected sign: +1 where the weighted sum is >= 0 (it is never -0: it starts at +0)
         sg = torch.copysign(ones[:L], tot, out=sgn[:L])
-        acc = out[s:e]
+        acc = out[s:e] if accbuf is None else accbuf[:L]
         dv = div[:L] if div is not None else None
         if not live:  # every source dropped: the base
             acc.zero_()
@@ -256,4 +258,6 @@ def fused_elect_merge(
         if lam != 1.0:
             acc.mul_(lam)
         acc.add_(b)
+        if accbuf is not None:
+            out[s:e].copy_(acc)  # one rounding to the output dtype, chunk by chunk
     return out.view(shape)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.methods.common import F32, normalize_param, resolve, weight_param
+from evomerge.methods.common import F32, cast_out, normalize_param, resolve, weight_param
+from evomerge.methods.fused import CHUNK, fusable
 from evomerge.methods.registry import register_method
 
 
@@ -15,7 +16,7 @@ from evomerge.methods.registry import register_method
     needs_base=False,
     min_sources=1,
 )
-def linear(tensors, base=None, *, generator=None, **params):
+def linear(tensors, base=None, *, generator=None, out_dtype=None, **params):
     """Linear merge / model soup (Wortsman et al., 2022, "Model soups: averaging weights of multiple
     fine-tuned models improves accuracy without increasing inference time", arXiv:2203.05482).
 
@@ -35,6 +36,9 @@ def linear(tensors, base=None, *, generator=None, **params):
         ))
     if p["normalize"]:
         weights = [w / total for w in weights]
+    kept = [(x, w) for x, w in zip(tensors, weights) if w != 0]
+    if kept and fusable([x for x, _ in kept], kept[0][0]):
+        return _chunked(kept, out_dtype or F32)
     # same-dtype float32 arithmetic: on CPU a mixed bf16 -> f32 add_ is several times slower than
     # converting into a scratch buffer and adding float32 to float32
     acc = scratch = None
@@ -52,4 +56,29 @@ def linear(tensors, base=None, *, generator=None, **params):
         acc.add_(x, alpha=w)
     if acc is None:
         acc = torch.zeros(tensors[0].shape, dtype=F32, device=tensors[0].device)
-    return acc
+    return cast_out(acc, out_dtype)
+
+
+def _chunked(kept: list, out_dtype: torch.dtype) -> torch.Tensor:
+    """The loop above, chunk by chunk (CPU): the float32 conversions stay in cache instead of
+    streaming whole-tensor temporaries through memory, and each chunk is rounded to ``out_dtype``
+    as it is done. The same operations per entry, so the same values."""
+    shape = kept[0][0].shape
+    xs = [(x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1), w) for x, w in kept]
+    n = xs[0][0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    scratch = torch.empty(min(n, CHUNK), dtype=F32)
+    accbuf = torch.empty(min(n, CHUNK), dtype=F32) if out_dtype != F32 else None
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        acc = out[s:e] if accbuf is None else accbuf[:e - s]
+        for j, (x, w) in enumerate(xs):
+            if j == 0:
+                acc.copy_(x[s:e])
+                if w != 1:
+                    acc.mul_(w)
+                continue
+            acc.add_(x[s:e] if x.dtype == F32 else scratch[:e - s].copy_(x[s:e]), alpha=w)
+        if accbuf is not None:
+            out[s:e].copy_(acc)
+    return out.view(shape)

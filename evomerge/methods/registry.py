@@ -17,6 +17,9 @@ Kernel calling convention (every registered function follows it)::
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -95,8 +98,19 @@ class MethodSpec:
     def global_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.scope == "global")
 
-    def __call__(self, tensors, base=None, *, generator=None, **params):
-        return self.fn(list(tensors), base, generator=generator, **params)
+    def __call__(self, tensors, base=None, *, generator=None, out_dtype=None, **params):
+        """The merged tensor: float32, or ``out_dtype`` (one rounding of the float32 values; kernels
+        with a ``out_dtype`` parameter round chunk by chunk instead of building a float32 tensor)."""
+        if out_dtype is not None and _casts(self.fn):
+            return self.fn(list(tensors), base, generator=generator, out_dtype=out_dtype, **params)
+        out = self.fn(list(tensors), base, generator=generator, **params)
+        return out if out_dtype is None else out.to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _casts(fn: Callable[..., Any]) -> bool:
+    """Whether a kernel takes ``out_dtype`` (rounds its result itself)."""
+    return "out_dtype" in inspect.signature(fn).parameters
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

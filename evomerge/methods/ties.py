@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from evomerge.methods.common import (
-    LAMBDA, RESCALE_L1, density_param, normalize_param, rescale_param, resolve, weight_param,
+    F32, LAMBDA, cast_out, RESCALE_L1, density_param, normalize_param, rescale_param, resolve, weight_param,
 )
 from evomerge.methods.fused import fused_elect_merge, fusable
 from evomerge.methods.registry import register_method
@@ -37,7 +37,7 @@ def magnitude_sparsifier(densities, *, rescale: bool, rescale_l1: bool):
     ),
     needs_base=True,
 )
-def ties(tensors, base, *, generator=None, **params):
+def ties(tensors, base, *, generator=None, out_dtype=None, **params):
     """TIES-merging (Yadav et al., 2023, "TIES-Merging: Resolving Interference When Merging
     Models", arXiv:2306.01708).
 
@@ -56,9 +56,9 @@ def ties(tensors, base, *, generator=None, **params):
     if fusable(tensors, base) and not (p["rescale"] and p["rescale_l1"]):
         probs = [d if p["rescale"] and 0.0 < d < 1.0 else None for d in p["density"]]
         out = fused_elect_merge(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                                densities=p["density"], keep_probs=probs)
+                                densities=p["density"], keep_probs=probs, out_dtype=out_dtype or F32)
         if out is not None:
             return out
     sp = magnitude_sparsifier(p["density"], rescale=p["rescale"], rescale_l1=p["rescale_l1"])
-    return merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                              elect=True, sparsify=sp)
+    return cast_out(merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
+                                       elect=True, sparsify=sp), out_dtype)
