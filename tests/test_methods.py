@@ -508,14 +508,20 @@ def test_chunked_cpu_pipeline_matches_plain(case):
     the plain whole-tensor pipeline: coarse bf16 task vectors (thresholds inside tie groups),
     negative and zero weights, densities 0 and 1, rescale, normalize."""
     from evomerge.methods.dare import dare_sparsifier
-    from evomerge.methods.fused import CHUNK
+    from evomerge.methods.fused import CHUNK, COUNT_CHUNK
     from evomerge.methods.task_arithmetic import merge_task_vectors
     from evomerge.methods.ties import magnitude_sparsifier
 
     g = gen(case)
-    n = 2 * CHUNK + 12_345
-    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
-    srcs = [(base.float() + torch.randint(-4, 5, (n,), generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    n = COUNT_CHUNK + CHUNK + 12_345  # several chunks of both passes
+    if case % 2:  # bf16-rounded: ~1000 distinct magnitudes
+        base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+        srcs = [(base.float() + torch.randint(-4, 5, (n,), generator=g) * 0.002).to(torch.bfloat16)
+                for _ in range(3)]
+    else:  # exact grid: |delta| takes 4 values, so every threshold sits in a huge tie group
+        base = (torch.randint(-50, 51, (n,), generator=g) * 2.0 ** -8).to(torch.bfloat16)
+        srcs = [(base.float() + torch.randint(-3, 4, (n,), generator=g) * 2.0 ** -10).to(torch.bfloat16)
+                for _ in range(3)]
     w = [[0.5, 0.3, 0.2], [0.5, -0.3, 0.2], [1.0, 0.0, 0.7], [0.4, 0.4, 0.4], [-0.2, -0.5, 0.9], [0.3, 0.6, 0.1]][case]
     dens = [[0.3, 0.55, 0.8], [0.2, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.9, 0.1, 0.45], [1.0, 1.0, 1.0]][case]
     for normalize in (True, False):
@@ -539,10 +545,9 @@ def test_chunked_linear_matches_plain(monkeypatch, dtype):
     """Linear on CPU tensors of >= 32K entries runs chunk by chunk: the same values as the
     whole-tensor loop, and the weighted mean within float32 rounding of a float64 reference."""
     import evomerge.methods.linear as lin
-    from evomerge.methods.fused import CHUNK
 
     g = gen(3)
-    xs = [torch.randn(2, CHUNK + 777, generator=g).to(dtype) for _ in range(3)]
+    xs = [torch.randn(2, lin.CHUNK + 777, generator=g).to(dtype) for _ in range(3)]  # 3 chunks
     w = [0.3, 0.0, 0.9]
     got = get_method("linear")(xs, None, weight=w)
     ref = sum(wi * x.double() for wi, x in zip(w, xs)) / sum(w)

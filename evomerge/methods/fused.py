@@ -34,6 +34,7 @@ from evomerge.methods.common import F32
 from evomerge.methods.sparsify import keep_count, magnitude_threshold
 
 CHUNK = 1 << 17  # entries per chunk: a few float32 buffers of 512 KiB stay in L2/L3
+COUNT_CHUNK = 1 << 19  # the counting pass holds two buffers: larger chunks, fewer op dispatches
 _SAMPLE = 1 << 14  # entries in the threshold-guess sample
 _MIN_NUMEL = 1 << 15  # below this the plain pipeline is as fast
 
@@ -66,8 +67,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
 
 
-def _chunks(n: int):
-    return [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+def _chunks(n: int, size: int = CHUNK):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
 def _delta_into(buf: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,8 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
         kk = min(m, max(1, round(ks[i] * m / n)))
         guess[i] = float(torch.kthvalue(a, m - kk + 1).values)
     # 2. counting pass: per chunk, sum(u) and u.u for u = sign(|delta| - v)
-    spans = _chunks(n)
-    buf = torch.empty(min(n, CHUNK), dtype=F32)
+    spans = _chunks(n, COUNT_CHUNK)
+    buf = torch.empty(min(n, COUNT_CHUNK), dtype=F32)
     bb = torch.empty_like(buf)
     sums = torch.empty(len(todo), len(spans), 2, dtype=torch.float64)
     for j, (s, e) in enumerate(spans):

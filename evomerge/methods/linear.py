@@ -6,7 +6,11 @@ import torch
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.methods.common import F32, cast_out, normalize_param, resolve, weight_param
-from evomerge.methods.fused import CHUNK, fusable
+from evomerge.methods.fused import fusable
+
+# entries per chunk: fewer, larger ops than the TIES pipeline's (2 buffers of 2 MiB stay in L3);
+# measured 0.52 ns/entry at 2^19 vs 1.0-1.2 at 2^17 for 3 bf16 sources on 2 cores
+CHUNK = 1 << 19
 from evomerge.methods.registry import register_method
 
 
