@@ -126,10 +126,15 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
             cum = eq[r].cumsum(0)
             j = int(torch.searchsorted(cum, keep_ties))
             s, e = spans[j]
-            before = int(cum[j - 1]) if j > 0 else 0
-            a = _delta_into(torch.empty(e - s, dtype=F32), xs[i][s:e], bf[s:e].to(F32)).abs_()
-            pos = torch.nonzero(a == v).view(-1)
-            cut = s + int(pos[keep_ties - before - 1]) + 1
+            need = keep_ties - (int(cum[j - 1]) if j > 0 else 0)  # 1-based rank of the tie in span j
+            for s2, e2 in _chunks(e - s):  # find it sub-chunk by sub-chunk (small nonzero outputs)
+                a = _delta_into(buf[:e2 - s2], xs[i][s + s2:s + e2], bb[:e2 - s2].copy_(bf[s + s2:s + e2])).abs_()
+                hit = a == v
+                found = int(hit.sum())
+                if found >= need:
+                    cut = s + s2 + int(torch.nonzero(hit).view(-1)[need - 1]) + 1
+                    break
+                need -= found
         plans[i] = _Trim(lam_lo=_prev(v), lam_hi=v, cut=cut)
     return plans
 
