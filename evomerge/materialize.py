@@ -36,8 +36,6 @@ class TensorRef:
     name: str
 
 
-F32_ = torch.float32
-
 
 @dataclass(frozen=True)
 class TensorOp:
@@ -85,16 +83,15 @@ class OutputTensor:
         return out
 
     def compute(self, device: torch.device, buffers: ReadBuffers | None = None,
-                out_dtype: torch.dtype | None = None, loaded: list[torch.Tensor] | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor on ``device``: float32 (or a copy's stored dtype), or a merge rounded once to
         ``out_dtype``; see :class:`TensorOp`.
 
         ``buffers``: read the inputs into these reused host buffers; the result may then be a view
-        of one of them (a copy), valid until the buffers are reused. ``loaded``: the inputs, already
-        read by :meth:`load`.
+        of one of them (a copy), valid until the buffers are reused.
         """
         op = self.op
-        loaded = self.load(device, buffers) if loaded is None else loaded
+        loaded = self.load(device, buffers)
         if op.kind == "copy":
             t = loaded[0]
             return t if op.scale == 1.0 else t.float() * op.scale
@@ -111,7 +108,7 @@ class OutputTensor:
         # one reduction instead of an elementwise isfinite pass (20x cheaper on CPU); the exact
         # check runs only when the sum is not finite (a NaN/inf, or a float32 overflow of the sum).
         # With ``out_dtype`` the rounded values are checked (an overflow of float16 is caught too).
-        if not torch.isfinite(result.sum(dtype=F32_)) and not torch.isfinite(result).all():
+        if not torch.isfinite(result.sum(dtype=torch.float32)) and not torch.isfinite(result).all():
             raise MergeError(f"method '{spec.name}' produced non-finite values for tensor "
                              f"'{op.inputs[0].name}'; check the recipe's weights and densities")
         return result
@@ -373,8 +370,6 @@ def iter_tensors(plan: Plan, device: str | torch.device = "cpu", progress: bool 
     buffers = ReadBuffers() if reuse_buffers else None
     for t in items:
         yield t.name, t.compute(device, buffers, out_dtype=plan.dtype).to(plan.dtype)
-    # (reading the next tensor's inputs in a background thread was measured slower on 2 cores:
-    # linear 3.5 s vs 2.8 s, TIES 7.5 s vs 6.2 s; the threads compete with torch's own)
 
 
 def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from evomerge.errors import MergeError
 from evomerge.methods.common import F32
 
 L1_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
@@ -186,11 +187,12 @@ def dare_mask(shape: torch.Size, density: float, key: int, device: torch.device 
               start: int = 0) -> torch.Tensor:
     """DARE keep mask (bool, ``shape``) of entries ``start .. start + numel - 1`` for ``key`` (see above).
 
-    Computed in chunks of 64K entries, so the temporaries stay small whatever the tensor's size.
+    Computed in chunks of 256K entries, so the temporaries stay small whatever the tensor's size.
     """
     n = math.prod(shape)
     if start < 0 or start + n > 1 << 32:
-        raise ValueError(f"DARE masks address at most 2^32 entries per tensor (got entries {start} .. {start + n})")
+        raise MergeError(f"DARE masks address at most 2^32 entries per tensor (got entries {start} .. "
+                         f"{start + n}); use ties or task_arithmetic for a tensor this large")
     out = torch.empty(n, dtype=torch.bool, device=device)
     cut = dare_cutoff(density)
     m = min(n, _MASK_CHUNK)

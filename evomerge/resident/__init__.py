@@ -46,7 +46,7 @@ from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_key, keep_count, outlier_counts
 from evomerge.recipe import Recipe, model_refs
-from evomerge.resident.kernels import P_STRIDE, compile_available, get_kernel
+from evomerge.resident.kernels import compile_available, get_kernel
 from evomerge.resident.stats import INF, rank_order, top_cut
 
 # method -> (trim mode, sign election); see evomerge.resident.kernels
@@ -90,7 +90,6 @@ class ResidentSources:
         self._targets: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._models_by_shape: dict[tuple, torch.nn.Module] = {}
         self._gen = torch.Generator(device=device)
-        self.max_numel = max((t.numel() for d in tensors.values() for t in d.values()), default=0)
 
     # ------------------------------------------------------------------ loading
 
@@ -227,30 +226,27 @@ class ResidentSources:
         return out.view(-1)
 
     def _jobs(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> list[_Job]:
-        job = self._job(ot, dst)
-        return job if isinstance(job, list) else [job]
-
-    def _job(self, ot: OutputTensor, dst: dict[str, torch.Tensor]) -> _Job | list[_Job]:
+        """The kernel launches that write ``ot``: one, or one per segment (magnitude trims)."""
         out, op = self._out(ot, dst), ot.op
         if op.kind == "copy":  # data-flow / stack layer: a copy, maybe scaled (folded)
             src = self._tensor(op.inputs[0]).view(-1)
             if op.scale == 1.0:
-                return _Job("copy", ot.name, out, (src,))
-            return _Job("scale", ot.name, out, (src,), p=[op.scale])
+                return [_Job("copy", ot.name, out, (src,))]
+            return [_Job("scale", ot.name, out, (src,), p=[op.scale])]
         spec, seed = get_method(op.method), op.seed
         xs = [self._tensor(r) for r in op.inputs]
         base = self._tensor(op.base) if op.base is not None else None
         params = {**op.source_params, **op.global_params}
         ref_job = _Job("ref", ot.name, out, (spec, xs, base, params, seed))
         if spec.name not in FAST_METHODS:
-            return ref_job
+            return [ref_job]
         p = resolve(spec.name, xs, base, self._gen if spec.stochastic else None, params)
         if spec.name == "linear":
-            return self._linear_job(ot.name, out, xs, p) or ref_job
+            return [self._linear_job(ot.name, out, xs, p) or ref_job]
         if spec.name == "slerp":
-            return self._slerp_job(ot.name, out, xs[0], base, op.inputs[0], op.base, p["t"])
+            return [self._slerp_job(ot.name, out, xs[0], base, op.inputs[0], op.base, p["t"])]
         if p.get("rescale") and p.get("rescale_l1"):
-            return ref_job
+            return [ref_job]
         return self._task_vector_job(ot.name, out, spec.name, xs, base, op.inputs, op.base, p, seed)
 
     def _linear_job(self, name, out, xs, p) -> _Job | None:
@@ -306,7 +302,7 @@ class ResidentSources:
                 pv += [w, hi[0] if e - 1 <= hi[1] else _next_up(hi[0]),
                        lo[0] if e - 1 <= lo[1] else _next_up(lo[0]), dv]
             jobs.append(_Job("task_vector", name, out[s:e], ([x[s:e] for x in flat_xs], flat_b[s:e]),
-                             static, pv + tail, [0]))
+                             static, pv + tail))
         return jobs
 
     def _top_cut(self, key, x, base, xh, bh, k: int) -> tuple[float, int]:
