@@ -11,7 +11,8 @@ from evomerge.errors import MergeError
 from evomerge.materialize import materialize_state_dict
 from evomerge.methods import sparsify as sp
 from evomerge.recipe import parse_recipe
-from evomerge.resident import ResidentSources
+from evomerge.resident import ResidentSources, _Job, _TaskVector, native
+from evomerge.resident.kernels import task_vector_merge
 from evomerge.resident.stats import rank_order, top_cut
 from evomerge.tiny import build_tiny_family
 
@@ -208,7 +209,7 @@ def test_cuda_matches_reference(fam, fused):
             assert_same(got, want)
 
 
-def test_partial_tie_groups_are_cut_exactly(tmp_path):
+def test_partial_tie_groups_are_cut_exactly(tmp_path, monkeypatch):
     """Task vectors on a coarse grid (few distinct magnitudes): thresholds fall inside tie groups,
     the tensor is cut into segments at the tie cut, and the kept sets stay the reference's top-k."""
     from safetensors.torch import load_file, save_file
@@ -236,16 +237,99 @@ def test_partial_tie_groups_are_cut_exactly(tmp_path):
             {"model": m, "params": {"weight": w, "density": d, "gamma": 0.1}}
             for m, w, d in zip(e, (0.3, 0.5, 0.2), (0.37, 0.5, 0.6))]},
     ]
-    for fused in (False, True) if _compiles() else (False,):
+    # eager torch kernels (segments), native C kernel (per-entry threshold choice), compiled torch kernels
+    for fused, use_native in ((False, False), (True, True), (True, False)):
+        if (fused and not _compiles()) or (use_native and not native.available()):
+            continue
+        monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
         rs = ResidentSources.load(e, base=paths["base"], fused=fused)
         for v in variants:
             recipe = parse_recipe(v)
             _, want = materialize_state_dict(recipe)
             got = rs.materialize_into(recipe).state_dict()
-            (_close if fused else assert_same)(got, want)
+            assert rs.last_native_tensors == (len(want) if use_native else 0)
+            (_close if fused and not use_native else assert_same)(got, want)
 
 
 def _compiles() -> bool:
     from evomerge.resident.kernels import compile_available
 
     return compile_available(torch.device("cpu"))
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler for the native CPU kernel")
+TASK_VECTOR_RECIPES = ["task_arithmetic", "ties", "ties_rescale", "dare_ties", "dare_linear", "breadcrumbs",
+                       "breadcrumbs_ties", "ties_ranged"]
+
+
+@needs_native
+@pytest.mark.parametrize("which", TASK_VECTOR_RECIPES)
+def test_native_cpu_kernel_bit_exact(fam, which):
+    """fused=True on CPU sends every task-vector tensor to native.c: the reference's bits, in the
+    recipe's dtype and in float32."""
+    paths, _ = fam
+    rs = ResidentSources.load([paths[f"expert{i}"] for i in (1, 2, 3)], base=paths["base"], fused=True)
+    recipe = parse_recipe(recipes(paths)[which])
+    for r in (recipe, recipe.model_copy(update={"dtype": "float32"})):
+        _, want = materialize_state_dict(r)
+        out = rs.empty_state_dict(r)
+        rs.materialize_into(r, out)
+        assert rs.last_native_tensors == len(want)
+        assert_same(out, want)
+
+
+def _eager_task_vector(job: _Job) -> torch.Tensor:
+    """The job through the eager torch kernel, segment by segment; returns the all-finite flag."""
+    ok = torch.tensor(True)
+    for sj in ResidentSources._segments(job):
+        ok &= task_vector_merge(sj.out, sj.args[1], sj.args[0], None, torch.tensor(sj.c or [0]), sj.p, **sj.static)
+    return ok
+
+
+@needs_native
+@pytest.mark.parametrize("mode,elect,rescale", [("thr", True, False), ("band", True, False), ("hash", True, True),
+                                                ("hash", False, True), ("none", False, False), ("thr", False, True),
+                                                ("band", False, False), ("none", True, False)])
+@pytest.mark.parametrize("dtypes", [("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp16"), ("fp16", "fp16", "fp32"),
+                                    ("fp32", "fp32", "bf16")])
+def test_native_kernel_matches_eager_kernel(mode, elect, rescale, dtypes):
+    """Random tensors over several work items and a partial block, thresholds inside tie groups with
+    cuts anywhere (before the start, inside, at the end), DARE counters that wrap past 2^32, negative
+    weights, mixed input dtypes: native.c gives the eager kernels' bits and finiteness."""
+    bdt, sdt, odt = (DTYPES[d] for d in dtypes)
+    g = torch.Generator().manual_seed(len(mode) * 7 + elect * 3 + rescale)
+    numel = 3 * 32768 + 1234
+    base = torch.randn(numel, generator=g).to(bdt)
+    xs = [(base.float() + torch.randint(-3, 4, (numel,), generator=g) * 0.01).to(sdt) for _ in range(3)]
+    cuts = []
+    for i, x in enumerate(xs):
+        a = (x.float() - base.float()).abs()
+        hi = float(a.kthvalue(int(numel * (0.3 + 0.2 * i))).values)
+        lo = float(a.kthvalue(int(numel * 0.97)).values)
+        where = [-1, numel // 2 + 17 * i, numel][i]
+        cuts.append(((hi, where), (lo, numel - 1 - where)) if mode in ("thr", "band") else
+                    ((-1.0, numel), (float("inf"), numel)))
+    static = dict(mode=mode, elect=elect, normalize=elect, rescale=rescale)
+    divs = [0.37, 0.61, 1.0] if rescale else [1.0, 1.0, 1.0]
+    hash_ = [(1 << 32) - 40_000] + [v for i, d in enumerate((0.37, 0.61, 0.5))
+                                    for v in (sp.dare_key(11, i), sp.dare_cutoff(d))] if mode == "hash" else []
+    outs = []
+    for _ in range(2):
+        out = torch.full((numel,), float("nan"), dtype=odt)
+        tv = _TaskVector(xs, base, static, [0.5, -0.3, 0.4], divs, cuts, [0.9, 0.6], hash_)
+        outs.append((out, _Job("task_vector", "t", out, tv=tv)))
+    ok_native = native.run([ResidentSources._native_job(outs[0][1])])[0]
+    ok_eager = bool(_eager_task_vector(outs[1][1]))
+    assert ok_native and ok_eager
+    assert torch.equal(outs[0][0].view(torch.uint8), outs[1][0].view(torch.uint8))
+
+
+@needs_native
+def test_native_kernel_flags_non_finite_outputs(fam):
+    paths, _ = fam
+    rs = ResidentSources.load([paths[f"expert{i}"] for i in (1, 2, 3)], base=paths["base"], fused=True)
+    recipe = parse_recipe({"method": "task_arithmetic", "base": paths["base"], "params": {"lambda": 1e30},
+                           "sources": [{"model": paths["expert1"], "params": {"weight": 1e30}}]})
+    with pytest.raises(MergeError, match="non-finite"):
+        rs.materialize_into(recipe)
+    assert rs.last_native_tensors > 0

@@ -46,8 +46,9 @@ from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_key, keep_count, outlier_counts
 from evomerge.recipe import Recipe, model_refs
+from evomerge.resident import native
 from evomerge.resident.kernels import compile_available, get_kernel
-from evomerge.resident.stats import INF, rank_order, top_cut
+from evomerge.resident.stats import INF, HostValues, rank_order, top_cut
 
 # method -> (trim mode, sign election); see evomerge.resident.kernels
 TASK_VECTOR_METHODS = {
@@ -70,11 +71,24 @@ def _next_up(v: float) -> float:
 
 
 class _Job:
-    __slots__ = ("kind", "name", "out", "args", "static", "p", "c")
+    __slots__ = ("kind", "name", "out", "args", "static", "p", "c", "tv")
 
-    def __init__(self, kind, name, out, args=(), static=None, p=(), c=()):
+    def __init__(self, kind, name, out, args=(), static=None, p=(), c=(), tv=None):
         self.kind, self.name, self.out, self.args = kind, name, out, args
-        self.static, self.p, self.c = static or {}, list(p), list(c)
+        self.static, self.p, self.c, self.tv = static or {}, list(p), list(c), tv
+
+
+class _TaskVector:
+    """One task-vector tensor before it is cut into launches: flat sources and base, the kernel's
+    static switches, per-source weights, rescale divisors and ``(hi, lo)`` tie cuts
+    (``(thr, cut)``: entries with index <= cut keep ties at ``thr``), ``[lambda, norm_div]`` and,
+    for DARE, ``[start, key_0, cutoff_0, ...]``."""
+
+    __slots__ = ("xs", "base", "static", "weights", "divs", "cuts", "tail", "hash")
+
+    def __init__(self, xs, base, static, weights, divs, cuts, tail, hash_):
+        self.xs, self.base, self.static, self.weights = xs, base, static, weights
+        self.divs, self.cuts, self.tail, self.hash = divs, cuts, tail, hash_
 
 
 class ResidentSources:
@@ -85,11 +99,13 @@ class ResidentSources:
                  stats: bool):
         self.models, self.tensors, self.host = models, tensors, host
         self.device, self.fused, self.use_stats = device, fused, stats
-        self._orders: dict[tuple, torch.Tensor] = {}     # (source ref, base ref) -> rank order
+        self._orders: dict[tuple, Any] = {}               # (source ref, base ref) -> rank order
+        self._values: dict[TensorRef, HostValues] = {}    # host tensors' single-entry readers
         self._slerp: dict[tuple, tuple] = {}              # (source ref, base ref) -> (n0, n1, dot)
         self._targets: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._models_by_shape: dict[tuple, torch.nn.Module] = {}
         self._gen = torch.Generator(device=device)
+        self.last_native_tensors = 0  # tensors the last candidate computed with the native CPU kernel
 
     # ------------------------------------------------------------------ loading
 
@@ -260,8 +276,8 @@ class ResidentSources:
         return _Job("linear", name, out, ([x.view(-1) for x, _ in kept],), p=[w for _, w in kept])
 
     def _task_vector_job(self, name, out, method, xs, base, srcs, base_ref, p, seed) -> list[_Job]:
-        """One job per segment of the tensor (see :mod:`evomerge.resident.kernels`): magnitude
-        trims cut the tensor where a tie group at a threshold is only partly kept."""
+        """One task-vector job; :meth:`_run` sends it to the native CPU kernel whole, or to the torch
+        kernels cut into segments at the tie cuts (:meth:`_segments`)."""
         mode, elect = TASK_VECTOR_METHODS[method]
         n, numel = len(xs), base.numel()
         dens = p.get("density", [1.0] * n)
@@ -273,49 +289,87 @@ class ResidentSources:
         for i, d in enumerate(dens):
             hi, lo = (-1.0, numel), (INF, numel)  # keep everything
             if mode in ("thr", "band") and d < 1.0:
-                key = (srcs[i], base_ref)
-                xh, bh = self._host(srcs[i]), self._host(base_ref)
+                refs = (srcs[i], base_ref)
                 if mode == "thr":
-                    hi = self._top_cut(key, xs[i], base, xh, bh, keep_count(numel, d))
+                    hi = self._top_cut(refs, xs[i], base, keep_count(numel, d))
                 else:
                     n_top, n_keep = outlier_counts(numel, d, p["gamma"][i])
-                    hi = self._top_cut(key, xs[i], base, xh, bh, n_top + n_keep)
-                    lo = self._top_cut(key, xs[i], base, xh, bh, n_top)
+                    hi = self._top_cut(refs, xs[i], base, n_top + n_keep)
+                    lo = self._top_cut(refs, xs[i], base, n_top)
             cuts.append((hi, lo))
         total = float(sum(p["weight"]))
         norm_div = total if (not elect and p["normalize"] and abs(total) >= 1e-8) else 1.0
-        tail = [p["lambda"], norm_div]
         static = dict(mode=mode, elect=elect, normalize=bool(elect and p["normalize"]),
                       rescale=any(v != 1.0 for v in divs))
-        flat_xs, flat_b = [x.view(-1) for x in xs], base.view(-1)
+        tv = _TaskVector([x.view(-1) for x in xs], base.view(-1), static, list(p["weight"]), divs, cuts,
+                         [p["lambda"], norm_div], [])
         if mode == "hash":
-            cv = [0]
-            for i, d in enumerate(dens):
-                cv += [dare_key(seed, i), dare_cutoff(d) if d < 1.0 else 1 << DARE_BITS]
-            pv = [v for w, dv in zip(p["weight"], divs) for v in (w, -1.0, INF, dv)] + tail
-            return [_Job("task_vector", name, out, (flat_xs, flat_b), static, pv, cv)]
-        bounds = sorted({c + 1 for hl in cuts for _, c in hl if 0 <= c + 1 < numel} | {0, numel})
+            tv.hash = [0] + [v for i, d in enumerate(dens)
+                             for v in (dare_key(seed, i), dare_cutoff(d) if d < 1.0 else 1 << DARE_BITS)]
+        return [_Job("task_vector", name, out, tv=tv)]
+
+    @staticmethod
+    def _segments(j: _Job) -> list[_Job]:
+        """A task-vector job as torch kernel launches: one per segment between tie cuts, each with
+        per-source thresholds (ties at a threshold kept up to the cut: ``thr`` before it, the next
+        float32 above ``thr`` after it), so ``|d| >= t`` selects exactly the top-k set."""
+        tv, numel = j.tv, j.out.numel()
+        if tv.static["mode"] == "hash":
+            pv = [v for w, dv in zip(tv.weights, tv.divs) for v in (w, -1.0, INF, dv)] + tv.tail
+            return [_Job("task_vector", j.name, j.out, (tv.xs, tv.base), tv.static, pv, tv.hash)]
+        bounds = sorted({c + 1 for hl in tv.cuts for _, c in hl if 0 <= c + 1 < numel} | {0, numel})
         jobs = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             pv = []
-            for (hi, lo), w, dv in zip(cuts, p["weight"], divs):  # ties kept up to each cut
+            for (hi, lo), w, dv in zip(tv.cuts, tv.weights, tv.divs):
                 pv += [w, hi[0] if e - 1 <= hi[1] else _next_up(hi[0]),
                        lo[0] if e - 1 <= lo[1] else _next_up(lo[0]), dv]
-            jobs.append(_Job("task_vector", name, out[s:e], ([x[s:e] for x in flat_xs], flat_b[s:e]),
-                             static, pv + tail))
+            jobs.append(_Job("task_vector", j.name, j.out[s:e], ([x[s:e] for x in tv.xs], tv.base[s:e]),
+                             tv.static, pv + tv.tail))
         return jobs
 
-    def _top_cut(self, key, x, base, xh, bh, k: int) -> tuple[float, int]:
+    @staticmethod
+    def _native_job(j: _Job) -> "native.Job | None":
+        """A task-vector job as one entry of the native CPU kernel's job list (``None``: not supported)."""
+        tv, out = j.tv, j.out
+        if not native.supports(out, tv.base, tv.xs):
+            return None
+        st = tv.static
+        fn = native.block_fn(n=len(tv.xs), mode=st["mode"], elect=st["elect"], rescale=st["rescale"],
+                             normalize=st["normalize"], xdt=native.dtype_code(tv.base, *tv.xs),
+                             odt=native.DTYPES[out.dtype])
+        if fn is None:
+            return None
+        nj = native.Job(fn=fn, out=out.data_ptr(), base=tv.base.data_ptr(), numel=out.numel(),
+                        n=len(tv.xs), base_dtype=native.DTYPES[tv.base.dtype], lam=tv.tail[0],
+                        norm_div=tv.tail[1])
+        for i, (x, w, dv, (hi, lo)) in enumerate(zip(tv.xs, tv.weights, tv.divs, tv.cuts)):
+            nj.xs[i], nj.x_dtype[i], nj.w[i], nj.div[i] = x.data_ptr(), native.DTYPES[x.dtype], w, dv
+            nj.hi[i], nj.hi_up[i], nj.hi_cut[i] = hi[0], _next_up(hi[0]), min(hi[1], out.numel())
+            nj.lo[i], nj.lo_up[i], nj.lo_cut[i] = lo[0], _next_up(lo[0]), min(lo[1], out.numel())
+        if tv.hash:
+            nj.hash_start = tv.hash[0]
+            for i in range(len(tv.xs)):
+                nj.key[i], nj.cutoff[i] = tv.hash[1 + 2 * i], tv.hash[2 + 2 * i]
+        return nj
+
+    def _values_of(self, r: TensorRef) -> HostValues:
+        hv = self._values.get(r)
+        if hv is None:
+            hv = self._values[r] = HostValues(self._host(r))
+        return hv
+
+    def _top_cut(self, refs: tuple[TensorRef, TensorRef], x, base, k: int) -> tuple[float, int]:
         numel = x.numel()
         if k <= 0:
             return INF, -1
         if k >= numel:
             return -1.0, numel
         if self.use_stats:
-            order = self._orders.get(key)
+            order = self._orders.get(refs)
             if order is None:
-                order = self._orders[key] = rank_order(x, base)
-            return top_cut(order, xh, bh, k)
+                order = self._orders[refs] = rank_order(x, base)
+            return top_cut(order, self._values_of(refs[0]), self._values_of(refs[1]), k)
         # no stats: exact selection on the device (the reference's kthvalue/topk), plus the tie cut
         from evomerge.methods.sparsify import magnitude_threshold
 
@@ -363,13 +417,28 @@ class ResidentSources:
         return pt, ct, po, co
 
     def _run(self, jobs: list[_Job], check_finite: bool) -> None:
+        flags: list[tuple[str, torch.Tensor | bool]] = []
+        native_jobs, torch_jobs = [], []
+        use_native = self.fused and self.device.type == "cpu" and native.available()
+        for j in jobs:
+            if j.kind != "task_vector":
+                torch_jobs.append(j)
+                continue
+            nj = self._native_job(j) if use_native else None
+            if nj is None:
+                torch_jobs += self._segments(j)
+            else:
+                native_jobs.append((j.name, nj))
+        self.last_native_tensors = len(native_jobs)
+        if native_jobs:  # every native tensor in one call, largest first (work items in job order)
+            native_jobs.sort(key=lambda t: -t[1].numel)
+            flags += zip([name for name, _ in native_jobs], native.run([nj for _, nj in native_jobs]))
         # largest first: on CPU, interleaving tiny kernels (norms) with large ones measured 1.6x
         # slower over a whole model than running the tiny ones last (OpenMP thread wake-ups)
-        jobs = sorted(jobs, key=lambda j: -j.out.numel())
-        pt, ct, po, co = self._params(jobs)
-        flags: list[tuple[str, torch.Tensor]] = []
+        torch_jobs.sort(key=lambda j: -j.out.numel())
+        pt, ct, po, co = self._params(torch_jobs)
         with torch.no_grad():
-            for j, p0, c0 in zip(jobs, po, co):
+            for j, p0, c0 in zip(torch_jobs, po, co):
                 p = pt[p0:p0 + len(j.p)] if j.p else None
                 c = ct[c0:c0 + len(j.c)] if j.c else None
                 pl = None if self.fused else j.p  # Python floats, as the reference passes them
@@ -387,7 +456,7 @@ class ResidentSources:
                 elif j.kind == "scale":
                     flags.append((j.name, get_kernel("scale", self.fused)(j.out, j.args[0], p, pl)))
         if check_finite and flags:
-            ok = torch.stack([f.reshape(()) for _, f in flags])
+            ok = torch.stack([torch.as_tensor(f).reshape(()) for _, f in flags])
             if not bool(ok.all()):
                 bad = next(name for (name, _), f in zip(flags, ok.tolist()) if not f)
                 raise MergeError(f"the merge produced non-finite values for tensor '{bad}'; check the "
@@ -404,7 +473,7 @@ class ResidentSources:
         return torch.isfinite(result).all()
 
     def stats_nbytes(self) -> int:
-        return sum(o.numel() * o.element_size() for o in self._orders.values())
+        return sum(o.nbytes for o in self._orders.values())
 
 
 __all__ = ["ResidentSources", "FAST_METHODS", "TASK_VECTOR_METHODS"]

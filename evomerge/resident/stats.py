@@ -19,30 +19,51 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 INF = math.inf
 
 
-def rank_order(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Stable descending argsort of ``|x - base|`` (float32), as an int32 CPU tensor."""
+def rank_order(x: torch.Tensor, base: torch.Tensor) -> np.ndarray:
+    """Stable descending argsort of ``|x - base|`` (float32), as an int32 numpy array (host)."""
     a = torch.sub(x.reshape(-1), base.reshape(-1).float()).abs_()
     order = torch.sort(a, descending=True, stable=True).indices
-    return order.to(torch.int32).cpu()
+    return order.to(torch.int32).cpu().numpy()
 
 
-def top_cut(order: torch.Tensor, x_host: torch.Tensor, base_host: torch.Tensor, k: int) -> tuple[float, int]:
+class HostValues:
+    """Float32 values of single entries of a host tensor, read through a numpy view (a torch index
+    costs microseconds; a TIES candidate reads two entries per tensor and source)."""
+
+    __slots__ = ("arr", "bf16")
+
+    def __init__(self, t: torch.Tensor):
+        flat = t.reshape(-1)
+        self.bf16 = flat.dtype == torch.bfloat16
+        self.arr = (flat.view(torch.int16) if self.bf16 else flat).numpy()
+
+    def f32(self, i: int) -> np.float32:
+        v = self.arr[i]
+        if self.bf16:  # the bfloat16 bits are the high half of the float32's
+            return np.array([(int(v) & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0]
+        return np.float32(v)
+
+
+def top_cut(order: torch.Tensor | np.ndarray, x_host: torch.Tensor | HostValues,
+            base_host: torch.Tensor | HostValues, k: int) -> tuple[float, int]:
     """``(thr, cut)`` describing the top-``k`` set (see module doc); ``k = 0`` keeps nothing,
     ``k >= numel`` everything. ``cut = numel`` when no entry beyond the ``k``-th ties with it (then
     the set is simply ``|d| >= thr``)."""
-    n = order.numel()
+    n = len(order)
     if k <= 0:
         return INF, -1
     if k >= n:
         return -1.0, n
-    at = order[k - 1:k + 1].long()  # the k-th entry and the one after it
-    q, nxt = at.tolist()
-    thr, after = (x_host.reshape(-1)[at].float() - base_host.reshape(-1)[at].float()).abs().tolist()
-    if after != thr:
-        return thr, n  # no tie beyond the k-th: every entry >= thr is kept
-    return thr, q
+    xv = x_host if isinstance(x_host, HostValues) else HostValues(x_host)
+    bv = base_host if isinstance(base_host, HostValues) else HostValues(base_host)
+    q, nxt = int(order[k - 1]), int(order[k])  # the k-th entry and the one after it
+    thr = abs(xv.f32(q) - bv.f32(q))  # float32 arithmetic, as the kernels compute |x - base|
+    if abs(xv.f32(nxt) - bv.f32(nxt)) != thr:
+        return float(thr), n  # no tie beyond the k-th: every entry >= thr is kept
+    return float(thr), q

@@ -1,0 +1,313 @@
+/*
+ * evomerge native CPU merge kernel (built and loaded by evomerge/resident/native.py).
+ *
+ * Each build is one *variant*, fixed at compile time by the EM_* macros below (number of sources,
+ * trim mode, sign election, rescale, normalize, input and output dtypes), so that the per-entry loop
+ * is a single vectorized pass with every branch resolved. native.py compiles the variants a search
+ * needs on first use and caches them. Every build also exports the driver em_run, which merges a list
+ * of jobs (one output tensor each, each naming its variant's em_block) on a pool of threads that take
+ * work items of ITEM entries from a shared counter.
+ *
+ * Per entry j of a job with n sources x_i and base b, all arithmetic in float32, in the order of the
+ * reference kernels (evomerge/resident/kernels.py task_vector_merge, evaluated eagerly):
+ *
+ *   d_i = x_i - b
+ *   trim:  THR   keep |d_i| >= t_i(j)
+ *          BAND  keep |d_i| >= hi_i(j) and not |d_i| >= lo_i(j)
+ *          HASH  keep (mix32((start + j + key_i) mod 2^32) >> 8) < cutoff_i    (the DARE masks)
+ *          a magnitude threshold is t before the tie cut (j <= cut) and t_up after it; blocks are
+ *          cut into sub-ranges at the tie cuts, so the thresholds are scalars in the vector loop
+ *   d_i = keep ? d_i : 0;  rescale: d_i = d_i / div_i
+ *   elect (TIES):  wd_i = d_i * w_i; total = sum_i wd_i; agree_i = total >= 0 ? wd_i > 0 : wd_i < 0
+ *                  (computed as wd_i * (total >= 0 ? 1 : -1) > 0, the same predicate)
+ *                  m = sum_i (agree_i ? wd_i : 0); normalize: m = m / (D == 0 ? 1 : D) with
+ *                  D = sum_i (agree_i ? w_i : 0)
+ *   no election:   m = fma(d_i, w_i, m) from m = 0 (as torch.add(alpha=)), then m = m / norm_div
+ *   res = m * lambda + b, rounded to the output dtype (round to nearest even)
+ *
+ * A job's `nonfinite` is set when a rounded output value is inf or nan. Built with -ffp-contract=off
+ * (no fused multiply-add but the explicit fmaf) and -fno-strict-aliasing (bit casts through pointers).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define EM_MAX 8      /* sources per job */
+#define BLK 256       /* entries per inner block (L1-resident float32 buffers) */
+#define ITEM 32768    /* entries per work item, a multiple of BLK */
+
+/* macros, not enums: the preprocessor compares them */
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+#define TRIM_NONE 0
+#define TRIM_THR 1
+#define TRIM_BAND 2
+#define TRIM_HASH 3
+
+/* the variant: defaults make a driver-only build compile */
+#ifndef EM_N
+#define EM_N 1
+#endif
+#ifndef EM_MODE
+#define EM_MODE TRIM_NONE
+#endif
+#ifndef EM_ELECT
+#define EM_ELECT 0
+#endif
+#ifndef EM_RESCALE
+#define EM_RESCALE 0
+#endif
+#ifndef EM_NORMALIZE
+#define EM_NORMALIZE 0
+#endif
+#ifndef EM_XDT          /* dtype of the base and every source, or -1 when they differ or are float16 */
+#define EM_XDT (-1)
+#endif
+#ifndef EM_ODT
+#define EM_ODT DT_F32
+#endif
+
+typedef struct em_job em_job;
+typedef int (*em_block_fn)(const em_job *, int64_t, int);
+
+struct em_job {
+    em_block_fn fn;
+    void *out;
+    const void *base;
+    const void *xs[EM_MAX];
+    int64_t numel;
+    int64_t hash_start;
+    int64_t hi_cut[EM_MAX];
+    int64_t lo_cut[EM_MAX];
+    float w[EM_MAX];
+    float div[EM_MAX];
+    float hi[EM_MAX];
+    float hi_up[EM_MAX];
+    float lo[EM_MAX];
+    float lo_up[EM_MAX];
+    uint32_t key[EM_MAX];
+    uint32_t cutoff[EM_MAX];
+    float lam;
+    float norm_div;
+    int32_t n;
+    int32_t base_dtype;
+    int32_t x_dtype[EM_MAX];
+    int32_t nonfinite;
+};
+
+int em_abi(void) { return (int)sizeof(em_job) * 100 + EM_MAX; }
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static void load(float *restrict dst, const void *src, int dt, int64_t off, int len) {
+    if (dt == DT_F32) {
+        memcpy(dst, (const float *)src + off, (size_t)len * sizeof(float));
+    } else if (dt == DT_BF16) {
+        const uint16_t *restrict s = (const uint16_t *)src + off;
+        for (int k = 0; k < len; k++) dst[k] = bf16_f32(s[k]);
+    } else {
+        const uint16_t *restrict s = (const uint16_t *)src + off;
+        int k = 0;
+#if defined(__AVX512F__)
+        for (; k + 16 <= len; k += 16)
+            _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + k))));
+#endif
+        for (; k < len; k++) {
+            _Float16 h;
+            memcpy(&h, s + k, sizeof h);
+            dst[k] = (float)h;
+        }
+    }
+}
+
+/* float32 -> float16 (round to nearest even) into dst; returns nonzero when a value is inf or nan */
+static int store_f16(uint16_t *restrict dst, const float *restrict src, int len) {
+    uint32_t bad = 0;
+    int k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= len; k += 16)
+        _mm256_storeu_si256((__m256i *)(dst + k),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; k < len; k++) {
+        _Float16 h = (_Float16)src[k];
+        memcpy(dst + k, &h, sizeof h);
+    }
+    for (k = 0; k < len; k++) bad |= (dst[k] & 0x7C00u) == 0x7C00u;
+    return bad != 0;
+}
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    return x ^ (x >> 15);
+}
+
+#if EM_XDT >= 0
+#define IN(p, j) (EM_XDT == DT_BF16 ? bf16_f32(((const uint16_t *)(p))[j]) : ((const float *)(p))[j])
+#endif
+
+/* entries o .. o + len - 1 of job J; returns nonzero when an output value is inf or nan */
+int em_block(const em_job *restrict J, int64_t o, int len) {
+    enum { n = EM_N };
+    float w[EM_MAX], q[EM_MAX], t0[EM_MAX], t1[EM_MAX], l0[EM_MAX], l1[EM_MAX];
+    int32_t hc[EM_MAX], lc[EM_MAX];
+    uint32_t c0[EM_MAX], cut[EM_MAX];
+    const void *xp[EM_MAX];
+    for (int i = 0; i < n; i++) {
+        xp[i] = J->xs[i];
+        w[i] = J->w[i], q[i] = J->div[i];
+        t0[i] = J->hi[i], t1[i] = J->hi_up[i], l0[i] = J->lo[i], l1[i] = J->lo_up[i];
+        /* tie cuts relative to this block, clamped to [-1, len]: entry k uses t0 when k <= hc */
+        int64_t h = J->hi_cut[i] - o, l = J->lo_cut[i] - o;
+        hc[i] = (int32_t)(h < -1 ? -1 : h > len ? len : h);
+        lc[i] = (int32_t)(l < -1 ? -1 : l > len ? len : l);
+        c0[i] = (uint32_t)(J->hash_start + o) + J->key[i];
+        cut[i] = J->cutoff[i];
+    }
+    const float lam = J->lam, nd = J->norm_div;
+#if EM_XDT < 0
+    float b[BLK], x[EM_MAX][BLK];
+    load(b, J->base, J->base_dtype, o, len);
+    for (int i = 0; i < n; i++) load(x[i], xp[i], J->x_dtype[i], o, len);
+#define BASE(k) b[k]
+#define SRC(i, k) x[i][k]
+#else
+#define BASE(k) IN(J->base, o + (k))
+#define SRC(i, k) IN(xp[i], o + (k))
+#endif
+#if EM_ODT == DT_F16
+    float res[BLK];
+#endif
+    uint32_t bad = 0;
+    /* sub-ranges [s, e) of the block that no tie cut splits: thresholds are scalars within one */
+    for (int s = 0, e; s < len; s = e) {
+        float th[EM_MAX], tl[EM_MAX];
+        e = len;
+        for (int i = 0; i < n; i++) {
+            if (EM_MODE == TRIM_THR || EM_MODE == TRIM_BAND) {
+                if (hc[i] >= s && hc[i] + 1 < e) e = hc[i] + 1;
+                if (EM_MODE == TRIM_BAND && lc[i] >= s && lc[i] + 1 < e) e = lc[i] + 1;
+            }
+            th[i] = s <= hc[i] ? t0[i] : t1[i];
+            tl[i] = s <= lc[i] ? l0[i] : l1[i];
+        }
+        for (int k = s; k < e; k++) {
+            const float bk = BASE(k);
+            float wd[EM_MAX];
+            float m = 0.0f;
+            for (int i = 0; i < n; i++) {
+                float d = SRC(i, k) - bk;
+                if (EM_MODE == TRIM_THR) {
+                    d = fabsf(d) >= th[i] ? d : 0.0f;
+                } else if (EM_MODE == TRIM_BAND) {
+                    const float a = fabsf(d);
+                    d = (a >= th[i]) & !(a >= tl[i]) ? d : 0.0f;
+                } else if (EM_MODE == TRIM_HASH) {
+                    d = (mix32(c0[i] + (uint32_t)k) >> 8) < cut[i] ? d : 0.0f;
+                }
+                if (EM_RESCALE) d = d / q[i];
+                if (EM_ELECT) wd[i] = d * w[i];
+                else m = fmaf(d, w[i], m);
+            }
+            if (EM_ELECT) {
+                float total = wd[0];
+                for (int i = 1; i < n; i++) total = total + wd[i];
+                const float sg = total >= 0.0f ? 1.0f : -1.0f;
+                float dd = 0.0f;
+                for (int i = 0; i < n; i++) {
+                    const int agree = wd[i] * sg > 0.0f;
+                    m = m + (agree ? wd[i] : 0.0f);
+                    dd = dd + (agree ? w[i] : 0.0f);
+                }
+                if (EM_NORMALIZE) m = m / (dd == 0.0f ? 1.0f : dd);
+            } else {
+                m = m / nd;
+            }
+            const float r = m * lam + bk;
+#if EM_ODT == DT_BF16
+            const uint32_t xb = f32_bits(r);
+            ((uint16_t *)J->out)[o + k] = (uint16_t)((xb + 0x7FFFu + ((xb >> 16) & 1u)) >> 16);
+            bad |= (xb & 0x7FFFFFFFu) > 0x7F7F7FFFu; /* inf or nan, or rounds to inf */
+#elif EM_ODT == DT_F32
+            ((float *)J->out)[o + k] = r;
+            bad |= (f32_bits(r) & 0x7F800000u) == 0x7F800000u;
+#else
+            res[k] = r;
+#endif
+        }
+    }
+#if EM_ODT == DT_F16
+    bad |= store_f16((uint16_t *)J->out + o, res, len);
+#endif
+    return bad != 0;
+}
+
+typedef struct {
+    em_job *jobs;
+    const int64_t *first; /* first[j] = index of job j's first work item; first[njobs] = total */
+    int njobs;
+    int64_t next;         /* shared work-item counter */
+} em_ctx;
+
+static void *worker(void *arg) {
+    em_ctx *C = (em_ctx *)arg;
+    int j = 0;
+    for (;;) {
+        int64_t item = __atomic_fetch_add(&C->next, 1, __ATOMIC_RELAXED);
+        if (item >= C->first[C->njobs]) break;
+        while (C->first[j + 1] <= item) j++; /* a thread's items come in increasing order */
+        em_job *J = &C->jobs[j];
+        int64_t lo = (item - C->first[j]) * ITEM;
+        int64_t hi = lo + ITEM < J->numel ? lo + ITEM : J->numel;
+        int bad = 0;
+        for (int64_t o = lo; o < hi; o += BLK) bad |= J->fn(J, o, (int)(hi - o < BLK ? hi - o : BLK));
+        if (bad) __atomic_store_n(&J->nonfinite, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+/* Run every job on `nthreads` threads (the caller's included; if a thread cannot be started the
+ * others take its share). Returns 0, or -1 for a malformed job list (nothing is written then). */
+int em_run(em_job *jobs, int njobs, int nthreads) {
+    for (int j = 0; j < njobs; j++)
+        if (!jobs[j].fn || jobs[j].n < 1 || jobs[j].n > EM_MAX || jobs[j].numel < 0) return -1;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(njobs + 1));
+    if (!first) return -1;
+    first[0] = 0;
+    for (int j = 0; j < njobs; j++) {
+        jobs[j].nonfinite = 0;
+        first[j + 1] = first[j] + (jobs[j].numel + ITEM - 1) / ITEM;
+    }
+    em_ctx C = {jobs, first, njobs, 0};
+    if (nthreads > 64) nthreads = 64;
+    pthread_t tid[64];
+    int started = 0;
+    for (int t = 1; t < nthreads; t++) {
+        if (pthread_create(&tid[started], NULL, worker, &C) != 0) break;
+        started++;
+    }
+    worker(&C);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    free(first);
+    return 0;
+}

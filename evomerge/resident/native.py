@@ -1,0 +1,202 @@
+"""The native CPU merge kernel: ``native.c``, compiled on first use with the system C compiler.
+
+Why: on CPU a whole TIES / DARE-TIES candidate through ``torch.compile`` paid about 0.75 ns per
+entry of Inductor arithmetic (int64 index vectors, mask casts) plus ~30 us of guard and wrapper
+overhead per launch, and a tensor whose top-k threshold splits a tie group needed one launch per
+segment. ``native.c`` merges *every* task-vector tensor of a candidate in one call: a thread pool
+takes 32K-entry work items from a shared counter, each item is computed in L1-resident 256-entry
+float32 blocks, tie cuts are a per-entry threshold choice (no segments) and the DARE hash is plain
+uint32 arithmetic the compiler vectorizes.
+
+Exactness: the C code performs the eager reference's float32 operations in the same order, with
+contraction into fused multiply-adds disabled (``-ffp-contract=off``) except the one ``fmaf`` that
+mirrors ``torch.add(alpha=)``; outputs are rounded to nearest even. tests/test_resident.py compares
+it bit for bit with the eager kernels and the reference methods.
+
+The shared library is built into ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``)/native, keyed
+by the source, the flags, the compiler and this CPU's feature flags (``-march=native``), written
+under a temporary name and renamed. No compiler, a failed build or ``EVOMERGE_NATIVE=0``: the
+callers keep the ``torch.compile`` / eager kernels (same results), with one warning for a failed
+build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+MAX_SOURCES = 8
+TRIM = {"none": 0, "thr": 1, "band": 2, "hash": 3}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-strict-aliasing", "-fno-math-errno",
+         "-fPIC", "-shared", "-pthread")
+SOURCE = Path(__file__).with_name("native.c")
+
+_F = ctypes.c_float * MAX_SOURCES
+_I64 = ctypes.c_int64 * MAX_SOURCES
+_U32 = ctypes.c_uint32 * MAX_SOURCES
+_I32 = ctypes.c_int32 * MAX_SOURCES
+
+
+class Job(ctypes.Structure):
+    """Mirror of ``em_job`` in native.c (field order and types must match; checked by ``em_abi``)."""
+
+    _fields_ = [
+        ("fn", ctypes.c_void_p), ("out", ctypes.c_void_p), ("base", ctypes.c_void_p),
+        ("xs", ctypes.c_void_p * MAX_SOURCES),
+        ("numel", ctypes.c_int64), ("hash_start", ctypes.c_int64),
+        ("hi_cut", _I64), ("lo_cut", _I64),
+        ("w", _F), ("div", _F), ("hi", _F), ("hi_up", _F), ("lo", _F), ("lo_up", _F),
+        ("key", _U32), ("cutoff", _U32),
+        ("lam", ctypes.c_float), ("norm_div", ctypes.c_float),
+        ("n", ctypes.c_int32), ("base_dtype", ctypes.c_int32), ("x_dtype", _I32),
+        ("nonfinite", ctypes.c_int32),
+    ]
+
+
+_lock = threading.Lock()
+_state: dict = {"driver": None, "failed": None, "variants": {}}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge") / "native"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain(cc: str) -> str:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    return hashlib.sha256("\0".join([" ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+
+
+def _build(cc: str, defines: dict[str, int]) -> Path:
+    """The shared library of one variant (``-DEM_...``), compiled once into the cache."""
+    dflags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(dflags).encode() + _toolchain(cc).encode())
+    out = cache_dir() / f"em_{key.hexdigest()[:24]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build.", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, *dflags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                             text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{res.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _load(cc: str, defines: dict[str, int]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build(cc, defines)))
+    lib.em_abi.restype = ctypes.c_int
+    if lib.em_abi() != ctypes.sizeof(Job) * 100 + MAX_SOURCES:
+        raise RuntimeError(f"native.c's em_job ({lib.em_abi()}) does not match native.Job "
+                           f"({ctypes.sizeof(Job) * 100 + MAX_SOURCES})")
+    lib.em_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int]
+    lib.em_run.restype = ctypes.c_int
+    return lib
+
+
+def _fail(err: Exception) -> None:
+    _state["failed"] = err
+    warnings.warn(f"evomerge's native CPU merge kernel is unavailable ({err}); using the torch "
+                  "kernels (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+def available() -> bool:
+    """Whether the native kernels can be used: not disabled (``EVOMERGE_NATIVE=0``), a C compiler,
+    and the driver builds (warned once otherwise)."""
+    with _lock:
+        if os.environ.get("EVOMERGE_NATIVE", "1") == "0" or _state["failed"] is not None:
+            return False
+        if _state["driver"] is None:
+            cc = _compiler()
+            if cc is None:
+                return False
+            try:
+                _state["driver"] = _load(cc, {})
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _fail(err)
+                return False
+        return True
+
+
+def block_fn(*, n: int, mode: str, elect: bool, rescale: bool, normalize: bool, xdt: int, odt: int) -> int | None:
+    """Address of the ``em_block`` of one variant (compiled on first use; ``None`` when unavailable).
+    ``xdt``: the common dtype code of base and sources (bfloat16 or float32), else -1."""
+    if not available():
+        return None
+    key = (n, TRIM[mode], int(elect), int(rescale), int(normalize and elect), xdt, odt)
+    with _lock:
+        fn = _state["variants"].get(key)
+        if fn is None:
+            defines = dict(zip(("EM_N", "EM_MODE", "EM_ELECT", "EM_RESCALE", "EM_NORMALIZE", "EM_XDT",
+                                "EM_ODT"), key))
+            try:
+                lib = _load(_compiler(), defines)
+            except (OSError, RuntimeError, subprocess.SubprocessError, TypeError) as err:
+                _fail(err)
+                return None
+            fn = (lib, ctypes.cast(lib.em_block, ctypes.c_void_p).value)
+            _state["variants"][key] = fn
+        return fn[1]
+
+
+def dtype_code(*ts: torch.Tensor) -> int:
+    """The code of the tensors' common dtype when the fused loads handle it (bfloat16, float32), else -1."""
+    dts = {t.dtype for t in ts}
+    dt = dts.pop() if len(dts) == 1 else None
+    return DTYPES[dt] if dt in (torch.bfloat16, torch.float32) else -1
+
+
+def supports(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> bool:
+    """Whether native.c can compute this tensor (CPU, contiguous, float32/bfloat16/float16, 1..8 sources)."""
+    ts = [out, base, *xs]
+    return (1 <= len(xs) <= MAX_SOURCES and all(t.device.type == "cpu" and t.dtype in DTYPES
+                                                and t.is_contiguous() for t in ts))
+
+
+def run(jobs: list[Job], threads: int | None = None) -> list[bool]:
+    """Run ``jobs`` (filled ``Job`` structs, ``fn`` from :func:`block_fn`) in one call; per job, True
+    when every output value was finite."""
+    if not jobs:
+        return []
+    if not available():
+        raise RuntimeError("the native kernel is not available")
+    arr = (Job * len(jobs))(*jobs)
+    if _state["driver"].em_run(arr, len(jobs), int(threads or torch.get_num_threads())) != 0:
+        raise RuntimeError("native merge kernel rejected a job (no kernel, sources outside 1..8 or "
+                           "negative size)")
+    return [not j.nonfinite for j in arr]
