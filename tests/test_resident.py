@@ -85,6 +85,11 @@ def test_matches_reference_bit_exact(fam, which):
     model = rs.materialize_into(recipe)
     assert model.config.num_hidden_layers == {"ties_ranged": 2, "stack": 6, "dataflow": 3}.get(which, 4)
     assert_same(model.state_dict(), want)
+    # the eager torch kernels alone (no native C kernel) give the same bits
+    torch_only = ResidentSources.load([paths[f"expert{i}"] for i in (1, 2, 3)], base=paths["base"], fused=False,
+                                      native=False)
+    assert_same(torch_only.materialize_into(recipe).state_dict(), want)
+    assert torch_only.last_native_tensors == 0
     # a dict target, in another dtype's output (recipe dtype) too
     recipe32 = recipe.model_copy(update={"dtype": "float32"})
     _, want32 = materialize_state_dict(recipe32)
@@ -209,7 +214,7 @@ def test_cuda_matches_reference(fam, fused):
             assert_same(got, want)
 
 
-def test_partial_tie_groups_are_cut_exactly(tmp_path, monkeypatch):
+def test_partial_tie_groups_are_cut_exactly(tmp_path):
     """Task vectors on a coarse grid (few distinct magnitudes): thresholds fall inside tie groups,
     the tensor is cut into segments at the tie cut, and the kept sets stay the reference's top-k."""
     from safetensors.torch import load_file, save_file
@@ -237,18 +242,18 @@ def test_partial_tie_groups_are_cut_exactly(tmp_path, monkeypatch):
             {"model": m, "params": {"weight": w, "density": d, "gamma": 0.1}}
             for m, w, d in zip(e, (0.3, 0.5, 0.2), (0.37, 0.5, 0.6))]},
     ]
-    # eager torch kernels (segments), native C kernel (per-entry threshold choice), compiled torch kernels
-    for fused, use_native in ((False, False), (True, True), (True, False)):
-        if (fused and not _compiles()) or (use_native and not native.available()):
-            continue
-        monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
-        rs = ResidentSources.load(e, base=paths["base"], fused=fused)
-        for v in variants:
-            recipe = parse_recipe(v)
-            _, want = materialize_state_dict(recipe)
-            got = rs.materialize_into(recipe).state_dict()
-            assert rs.last_native_tensors == (len(want) if use_native else 0)
-            (_close if fused and not use_native else assert_same)(got, want)
+    # torch kernels (eager or compiled; cut into segments) and the native C kernel (sub-ranges)
+    for fused in (False, True):
+        for use_native in (False, True):
+            if (fused and not _compiles()) or (use_native and not native.available()):
+                continue
+            rs = ResidentSources.load(e, base=paths["base"], fused=fused, native=use_native)
+            for v in variants:
+                recipe = parse_recipe(v)
+                _, want = materialize_state_dict(recipe)
+                got = rs.materialize_into(recipe).state_dict()
+                assert rs.last_native_tensors == (len(want) if use_native else 0)
+                (_close if fused and not use_native else assert_same)(got, want)
 
 
 def _compiles() -> bool:

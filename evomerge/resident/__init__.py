@@ -33,7 +33,6 @@ cast (one output-dtype ulp at most, rarely).
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Mapping
 
 import torch
@@ -62,14 +61,6 @@ TASK_VECTOR_METHODS = {
 FAST_METHODS = (*TASK_VECTOR_METHODS, "linear", "slerp")
 
 
-def _next_up(v: float) -> float:
-    """The smallest float32 above ``v`` (``|d| >= _next_up(v)`` is ``|d| > v`` for float32 ``d``)."""
-    if v == INF or v < 0:
-        return v
-    (bits,) = struct.unpack("<I", struct.pack("<f", v))
-    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
-
-
 class _Job:
     __slots__ = ("kind", "name", "out", "args", "static", "p", "c", "tv")
 
@@ -96,9 +87,10 @@ class ResidentSources:
 
     def __init__(self, models: dict[str, Checkpoint], tensors: dict[str, dict[str, torch.Tensor]],
                  host: dict[str, dict[str, torch.Tensor]], device: torch.device, fused: bool,
-                 stats: bool):
+                 stats: bool, native: bool = True):
         self.models, self.tensors, self.host = models, tensors, host
         self.device, self.fused, self.use_stats = device, fused, stats
+        self.native = native and device.type == "cpu"  # when native.available() at run time
         self._orders: dict[tuple, Any] = {}               # (source ref, base ref) -> rank order
         self._values: dict[TensorRef, HostValues] = {}    # host tensors' single-entry readers
         self._slerp: dict[tuple, tuple] = {}              # (source ref, base ref) -> (n0, n1, dot)
@@ -111,12 +103,15 @@ class ResidentSources:
 
     @classmethod
     def load(cls, refs: list[str], *, base: str | None = None, device: str | torch.device = "cpu",
-             keep_dtype: bool = True, fused: bool | None = None, stats: bool = True,
+             keep_dtype: bool = True, fused: bool | None = None, stats: bool = True, native: bool = True,
              models: Mapping[str, Checkpoint] | None = None) -> "ResidentSources":
         """Read every tensor of ``refs`` (and ``base``) onto ``device``.
 
         ``keep_dtype=False`` stores float32 copies (more memory, same results). ``fused=None``
-        compiles the kernels when ``torch.compile`` can (a C++ compiler on CPU, Triton on CUDA).
+        compiles the torch kernels when ``torch.compile`` can (a C++ compiler on CPU, Triton on CUDA).
+        ``native`` (CPU): task-vector tensors (task arithmetic, TIES, DARE, breadcrumbs) go to the
+        native C kernel (:mod:`evomerge.resident.native`; bit-exact with the reference) when it
+        builds, whatever ``fused`` says.
         ``stats`` enables the TIES/breadcrumbs rank orders (4 bytes per parameter per source, on
         the host, computed on first use); without them thresholds are found by selection.
         """
@@ -142,12 +137,12 @@ class ResidentSources:
                     host[ref]["lm_head.weight"] = host[ref][ck.embedding_name]
         if fused is None:
             fused = compile_available(device)
-        return cls(opened, tensors, host if device.type != "cpu" else tensors, device, fused, stats)
+        return cls(opened, tensors, host if device.type != "cpu" else tensors, device, fused, stats, native)
 
     @classmethod
     def from_tensors(cls, models: Mapping[str, Checkpoint], tensors: Mapping[str, Mapping[str, torch.Tensor]],
                      *, device: str | torch.device, fused: bool | None = None,
-                     stats: bool = True) -> "ResidentSources":
+                     stats: bool = True, native: bool = True) -> "ResidentSources":
         """Wrap tensors already on ``device`` (``tensors[ref][name]``, every name of ``models[ref]``);
         ``models`` give names, shapes and configs for planning. Benchmarks use it to skip disk."""
         device = torch.device(device)
@@ -158,7 +153,7 @@ class ResidentSources:
             {r: {n: t.cpu() for n, t in d.items()} for r, d in dev.items()} if stats else {})
         if fused is None:
             fused = compile_available(device)
-        return cls(dict(models), dev, host, device, fused, stats)
+        return cls(dict(models), dev, host, device, fused, stats, native)
 
     def nbytes(self) -> int:
         """Bytes of resident device tensors (shared tied tensors counted once)."""
@@ -322,8 +317,8 @@ class ResidentSources:
         for s, e in zip(bounds[:-1], bounds[1:]):
             pv = []
             for (hi, lo), w, dv in zip(tv.cuts, tv.weights, tv.divs):
-                pv += [w, hi[0] if e - 1 <= hi[1] else _next_up(hi[0]),
-                       lo[0] if e - 1 <= lo[1] else _next_up(lo[0]), dv]
+                pv += [w, hi[0] if e - 1 <= hi[1] else native.next_up(hi[0]),
+                       lo[0] if e - 1 <= lo[1] else native.next_up(lo[0]), dv]
             jobs.append(_Job("task_vector", j.name, j.out[s:e], ([x[s:e] for x in tv.xs], tv.base[s:e]),
                              tv.static, pv + tv.tail))
         return jobs
@@ -331,27 +326,10 @@ class ResidentSources:
     @staticmethod
     def _native_job(j: _Job) -> "native.Job | None":
         """A task-vector job as one entry of the native CPU kernel's job list (``None``: not supported)."""
-        tv, out = j.tv, j.out
-        if not native.supports(out, tv.base, tv.xs):
-            return None
-        st = tv.static
-        fn = native.block_fn(n=len(tv.xs), mode=st["mode"], elect=st["elect"], rescale=st["rescale"],
-                             normalize=st["normalize"], xdt=native.dtype_code(tv.base, *tv.xs),
-                             odt=native.DTYPES[out.dtype])
-        if fn is None:
-            return None
-        nj = native.Job(fn=fn, out=out.data_ptr(), base=tv.base.data_ptr(), numel=out.numel(),
-                        n=len(tv.xs), base_dtype=native.DTYPES[tv.base.dtype], lam=tv.tail[0],
-                        norm_div=tv.tail[1])
-        for i, (x, w, dv, (hi, lo)) in enumerate(zip(tv.xs, tv.weights, tv.divs, tv.cuts)):
-            nj.xs[i], nj.x_dtype[i], nj.w[i], nj.div[i] = x.data_ptr(), native.DTYPES[x.dtype], w, dv
-            nj.hi[i], nj.hi_up[i], nj.hi_cut[i] = hi[0], _next_up(hi[0]), min(hi[1], out.numel())
-            nj.lo[i], nj.lo_up[i], nj.lo_cut[i] = lo[0], _next_up(lo[0]), min(lo[1], out.numel())
-        if tv.hash:
-            nj.hash_start = tv.hash[0]
-            for i in range(len(tv.xs)):
-                nj.key[i], nj.cutoff[i] = tv.hash[1 + 2 * i], tv.hash[2 + 2 * i]
-        return nj
+        tv = j.tv
+        return native.task_vector_job(j.out, tv.base, tv.xs, mode=tv.static["mode"], elect=tv.static["elect"],
+                                      normalize=tv.static["normalize"], weights=tv.weights, divs=tv.divs,
+                                      lam=tv.tail[0], norm_div=tv.tail[1], cuts=tv.cuts, hash_=tv.hash)
 
     def _values_of(self, r: TensorRef) -> HostValues:
         hv = self._values.get(r)
@@ -419,7 +397,7 @@ class ResidentSources:
     def _run(self, jobs: list[_Job], check_finite: bool) -> None:
         flags: list[tuple[str, torch.Tensor | bool]] = []
         native_jobs, torch_jobs = [], []
-        use_native = self.fused and self.device.type == "cpu" and native.available()
+        use_native = self.native and native.available()
         for j in jobs:
             if j.kind != "task_vector":
                 torch_jobs.append(j)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -186,6 +188,49 @@ def supports(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> b
     ts = [out, base, *xs]
     return (1 <= len(xs) <= MAX_SOURCES and all(t.device.type == "cpu" and t.dtype in DTYPES
                                                 and t.is_contiguous() for t in ts))
+
+
+def next_up(v: float) -> float:
+    """The smallest float32 above ``v`` (``|d| >= next_up(v)`` is ``|d| > v`` for float32 ``d``);
+    ``inf`` and negative values unchanged."""
+    if v == math.inf or v < 0:
+        return v
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))
+    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
+
+
+KEEP_ALL = ((-1.0, -1), (math.inf, -1))  # a source's (hi, lo) cuts when it is not trimmed
+
+
+def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], *, mode: str, elect: bool,
+                    normalize: bool, weights, divs, lam: float, norm_div: float = 1.0, cuts=None,
+                    hash_=None) -> Job | None:
+    """One tensor's job (see native.c), or ``None`` when native.c cannot compute it here.
+
+    ``cuts`` (modes ``thr``/``band``): per source ``((hi, hi_cut), (lo, lo_cut))``: entries with flat
+    index ``<= cut`` keep ties at the threshold (``|d| >= t``), later ones do not (``|d| > t``).
+    ``hash_`` (mode ``hash``): ``[start, key_0, cutoff_0, key_1, cutoff_1, ...]``. ``divs``: per
+    source rescale divisor (1.0: none)."""
+    if not supports(out, base, xs):
+        return None
+    rescale = any(dv != 1.0 for dv in divs)
+    fn = block_fn(n=len(xs), mode=mode, elect=elect, rescale=rescale, normalize=normalize,
+                  xdt=dtype_code(base, *xs), odt=DTYPES[out.dtype])
+    if fn is None:
+        return None
+    numel = out.numel()
+    job = Job(fn=fn, out=out.data_ptr(), base=base.data_ptr(), numel=numel, n=len(xs),
+              base_dtype=DTYPES[base.dtype], lam=lam, norm_div=norm_div)
+    for i, (x, w, dv) in enumerate(zip(xs, weights, divs)):
+        job.xs[i], job.x_dtype[i], job.w[i], job.div[i] = x.data_ptr(), DTYPES[x.dtype], w, dv
+        (hi, hc), (lo, lc) = cuts[i] if cuts else KEEP_ALL
+        job.hi[i], job.hi_up[i], job.hi_cut[i] = hi, next_up(hi), min(hc, numel)
+        job.lo[i], job.lo_up[i], job.lo_cut[i] = lo, next_up(lo), min(lc, numel)
+        if hash_:
+            job.key[i], job.cutoff[i] = hash_[1 + 2 * i], hash_[2 + 2 * i]
+    if hash_:
+        job.hash_start = hash_[0]
+    return job
 
 
 def run(jobs: list[Job], threads: int | None = None) -> list[bool]:

@@ -64,7 +64,8 @@ class ResidentModels:
         if residency not in RESIDENCIES:
             raise ValueError(f"unknown residency {residency!r}; use one of {', '.join(RESIDENCIES)}")
         self.device, self.residency = torch.device(device), residency
-        # compiled kernels pay off on CUDA; on CPU the eager kernels are exact and need no compiler
+        # compiled torch kernels pay off on CUDA; on CPU task vectors go to the native C kernel
+        # (exact, evomerge/resident/native.py) and the rest runs eagerly (exact, nothing to compile)
         self.fused = (self.device.type == "cuda") if fused is None else fused
         self.refs: list[str] = []
         self.base: str | None = None
