@@ -502,11 +502,14 @@ def test_cuda_threshold_paths_match_cpu():
         assert torch.equal(sp.top_k_mask(a.cuda(), k).cpu(), sp.top_k_mask(a, k)), k
 
 
+@pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("case", range(6))
-def test_chunked_cpu_pipeline_matches_plain(case):
-    """The chunked CPU pipeline (methods/fused.py, tensors of >= 32K entries, several chunks) equals
-    the plain whole-tensor pipeline: coarse bf16 task vectors (thresholds inside tie groups),
-    negative and zero weights, densities 0 and 1, rescale, normalize."""
+def test_chunked_cpu_pipeline_matches_plain(case, use_native, monkeypatch):
+    """The chunked CPU pipeline (methods/fused.py, tensors of >= 32K entries, several chunks; its
+    merge step in the native C kernel or in torch chunk loops) equals the plain whole-tensor pipeline:
+    coarse bf16 task vectors (thresholds inside tie groups), negative and zero weights, densities 0
+    and 1, rescale, normalize."""
+    from evomerge.methods import native
     from evomerge.methods.dare import dare_sparsifier
     from evomerge.methods.fused import CHUNK, COUNT_CHUNK
     from evomerge.methods.task_arithmetic import merge_task_vectors
@@ -524,6 +527,10 @@ def test_chunked_cpu_pipeline_matches_plain(case):
                 for _ in range(3)]
     w = [[0.5, 0.3, 0.2], [0.5, -0.3, 0.2], [1.0, 0.0, 0.7], [0.4, 0.4, 0.4], [-0.2, -0.5, 0.9], [0.3, 0.6, 0.1]][case]
     dens = [[0.3, 0.55, 0.8], [0.2, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.9, 0.1, 0.45], [1.0, 1.0, 1.0]][case]
+    if use_native and not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
+    runs = native.jobs_run
     for normalize in (True, False):
         for rescale in (False, True):
             kw = dict(weight=w, density=dens, normalize=normalize, rescale=rescale, **{"lambda": 0.8})
@@ -538,6 +545,8 @@ def test_chunked_cpu_pipeline_matches_plain(case):
             want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
                                       sparsify=dare_sparsifier(dens, gen(7), rescale=rescale, rescale_l1=False))
             assert torch.equal(got, want), ("dare_ties", case, normalize, rescale, (got - want).abs().max())
+    # case 3 drops every TIES source (density 0): no native job; DARE still has live sources
+    assert (native.jobs_run > runs) == use_native
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

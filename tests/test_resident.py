@@ -11,7 +11,8 @@ from evomerge.errors import MergeError
 from evomerge.materialize import materialize_state_dict
 from evomerge.methods import sparsify as sp
 from evomerge.recipe import parse_recipe
-from evomerge.resident import ResidentSources, _Job, _TaskVector, native
+from evomerge.methods import native
+from evomerge.resident import ResidentSources, _Job, _TaskVector
 from evomerge.resident.kernels import task_vector_merge
 from evomerge.resident.stats import rank_order, top_cut
 from evomerge.tiny import build_tiny_family

@@ -63,12 +63,14 @@ _DOC_COMMON = """
 def dare_ties(tensors, base, *, generator=None, out_dtype=None, **params):
     p = resolve("dare_ties", tensors, base, generator, params)
     if fusable(tensors, base) and not (p["rescale"] and p["rescale_l1"]):
-        masks = dare_masks(p["density"], generator, base.shape, base.device)  # as dare_sparsifier's
-        probs = [d if p["rescale"] and m is not None and d > 0 else None for d, m in zip(p["density"], masks)]
+        seed = generator_seed(generator)  # the masks of dare_sparsifier
+        dare = [(dare_key(seed, i), d) if d < 1.0 else None for i, d in enumerate(p["density"])]
+        probs = [d if p["rescale"] and kd is not None and d > 0 else None for d, kd in zip(p["density"], dare)]
         out = fused_elect_merge(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                                keep_probs=probs, masks=masks, out_dtype=out_dtype or F32)
+                                keep_probs=probs, dare=dare, out_dtype=out_dtype or F32)
         if out is not None:
             return out
+        masks = dare_masks(p["density"], generator, base.shape, base.device)
 
         def sp(i, delta):  # non-finite task vectors: the plain pipeline, with the masks drawn above
             if masks[i] is None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.methods.common import F32
-from evomerge.methods.sparsify import keep_count, magnitude_threshold
+from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_mask, keep_count, magnitude_threshold
 
 CHUNK = 1 << 17  # entries per chunk: a few float32 buffers of 512 KiB stay in L2/L3
 COUNT_CHUNK = 1 << 19  # the counting pass holds two buffers: larger chunks, fewer op dispatches
@@ -152,6 +152,37 @@ def _exact_plan(x: torch.Tensor, bf: torch.Tensor, k: int) -> _Trim:
     return _Trim(lam_lo=_prev(v), lam_hi=v, cut=cut)
 
 
+def _native_merge(xs, bf, live, weights, plans, keep_probs, dare, lam, normalize, out_dtype):
+    """The chunk loop below as one call of the native C kernel (:mod:`evomerge.methods.native`): the
+    same float32 operations in the same order, so the same bits. ``None`` when it cannot run here or
+    an output is not finite (the torch loop then defines that case)."""
+    from evomerge.methods import native
+
+    if not native.available():
+        return None
+    n = bf.numel()
+    xs_live = [xs[i] for i in live]
+    cuts = None
+    if any(plans[i].lam_lo is not None for i in live):
+        # keep |d| >= v up to index cut - 1, |d| > v from cut on
+        cuts = [((plans[i].lam_hi, plans[i].cut - 1), (math.inf, n)) if plans[i].lam_lo is not None
+                else native.KEEP_ALL for i in live]
+    hash_ = None
+    if dare is not None and any(dare[i] is not None for i in live):
+        hash_ = [0]
+        for i in live:
+            hash_ += [dare[i][0], dare_cutoff(dare[i][1])] if dare[i] is not None else [0, 1 << DARE_BITS]
+    mode = "hash" if hash_ else "thr" if cuts else "none"
+    out = torch.empty(n, dtype=out_dtype)
+    job = native.task_vector_job(out, bf, xs_live, mode=mode, elect=True, normalize=normalize,
+                                 weights=[weights[i] for i in live],
+                                 divs=[keep_probs[i] if keep_probs[i] is not None else 1.0 for i in live],
+                                 lam=lam, cuts=cuts, hash_=hash_)
+    if job is None or not native.run([job])[0]:
+        return None
+    return out
+
+
 def fused_elect_merge(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -161,14 +192,15 @@ def fused_elect_merge(
     normalize: bool,
     densities: Sequence[float] | None = None,
     keep_probs: Sequence[float | None] | None = None,
-    masks: Sequence[torch.Tensor | None] | None = None,
+    dare: Sequence[tuple[int, float] | None] | None = None,
     out_dtype: torch.dtype = F32,
 ) -> torch.Tensor | None:
     """``base + lam * disjoint_merge_i(w_i * s_i * trim_i(theta_i - base))`` in float32, chunked.
 
     ``densities``: magnitude trim (TIES: top ``floor(density * numel)`` by magnitude, ties by flat
-    index); ``masks``: precomputed boolean keep masks (DARE); ``keep_probs``: per source, divide the
-    kept values by this (rescale; ``None``: no rescale). The float32 ops per entry are the plain
+    index); ``dare``: per source ``(key, density)`` of its DARE keep mask
+    (:func:`~evomerge.methods.sparsify.dare_mask`; ``None``: no drop); ``keep_probs``: per source,
+    divide the kept values by this (rescale; ``None``: no rescale). The float32 ops per entry are the plain
     pipeline's, in its order (mask, divide, weight, sum in source order), so results match it
     bit for bit. ``out_dtype``: the result's dtype (each float32 chunk rounded once). Returns ``None`` when a task vector
     is not finite, so that the caller can run the plain pipeline (which defines that case).
@@ -194,10 +226,14 @@ def fused_elect_merge(
     plans = _trim_plans(xs, bf, ks_live)
     if plans is None:
         return None
-    if masks is not None:
-        for i, m in enumerate(masks):
-            if m is not None:
-                plans[i].mask = _flat(m)
+    if live:
+        out = _native_merge(xs, bf, live, weights, plans, keep_probs, dare, lam, normalize, out_dtype)
+        if out is not None:
+            return out.view(shape)
+    if dare is not None:
+        for i, kd in enumerate(dare):
+            if kd is not None:
+                plans[i].mask = dare_mask((n,), kd[1], kd[0], bf.device)
 
     out = torch.empty(n, dtype=out_dtype)
     L0 = min(n, CHUNK)

@@ -45,7 +45,7 @@ from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_key, keep_count, outlier_counts
 from evomerge.recipe import Recipe, model_refs
-from evomerge.resident import native
+from evomerge.methods import native
 from evomerge.resident.kernels import compile_available, get_kernel
 from evomerge.resident.stats import INF, HostValues, rank_order, top_cut
 
@@ -110,7 +110,7 @@ class ResidentSources:
         ``keep_dtype=False`` stores float32 copies (more memory, same results). ``fused=None``
         compiles the torch kernels when ``torch.compile`` can (a C++ compiler on CPU, Triton on CUDA).
         ``native`` (CPU): task-vector tensors (task arithmetic, TIES, DARE, breadcrumbs) go to the
-        native C kernel (:mod:`evomerge.resident.native`; bit-exact with the reference) when it
+        native C kernel (:mod:`evomerge.methods.native`; bit-exact with the reference) when it
         builds, whatever ``fused`` says.
         ``stats`` enables the TIES/breadcrumbs rank orders (4 bytes per parameter per source, on
         the host, computed on first use); without them thresholds are found by selection.

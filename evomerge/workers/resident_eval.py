@@ -65,7 +65,7 @@ class ResidentModels:
             raise ValueError(f"unknown residency {residency!r}; use one of {', '.join(RESIDENCIES)}")
         self.device, self.residency = torch.device(device), residency
         # compiled torch kernels pay off on CUDA; on CPU task vectors go to the native C kernel
-        # (exact, evomerge/resident/native.py) and the rest runs eagerly (exact, nothing to compile)
+        # (exact, evomerge/methods/native.py) and the rest runs eagerly (exact, nothing to compile)
         self.fused = (self.device.type == "cuda") if fused is None else fused
         self.refs: list[str] = []
         self.base: str | None = None

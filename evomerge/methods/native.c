@@ -1,5 +1,5 @@
 /*
- * evomerge native CPU merge kernel (built and loaded by evomerge/resident/native.py).
+ * evomerge native CPU merge kernel (built and loaded by evomerge/methods/native.py).
  *
  * Each build is one *variant*, fixed at compile time by the EM_* macros below (number of sources,
  * trim mode, sign election, rescale, normalize, input and output dtypes), so that the per-entry loop

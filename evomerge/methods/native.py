@@ -68,6 +68,7 @@ class Job(ctypes.Structure):
 
 _lock = threading.Lock()
 _state: dict = {"driver": None, "failed": None, "variants": {}}
+jobs_run = 0  # tensors computed by the native kernel in this process (tests check which path ran)
 
 
 def cache_dir() -> Path:
@@ -240,8 +241,10 @@ def run(jobs: list[Job], threads: int | None = None) -> list[bool]:
         return []
     if not available():
         raise RuntimeError("the native kernel is not available")
+    global jobs_run
     arr = (Job * len(jobs))(*jobs)
     if _state["driver"].em_run(arr, len(jobs), int(threads or torch.get_num_threads())) != 0:
         raise RuntimeError("native merge kernel rejected a job (no kernel, sources outside 1..8 or "
                            "negative size)")
+    jobs_run += len(jobs)
     return [not j.nonfinite for j in arr]
