@@ -20,6 +20,10 @@ runs first, in its own chunked counting pass (:func:`_trim_plans`):
    ``|delta| >= v``, entries from ``P`` on keep ``|delta| > v`` -- both one ``hardshrink``. Otherwise
    (or for non-finite task vectors) the exact whole-tensor selection of
    :mod:`~evomerge.methods.sparsify` is used for that source.
+
+The merge step then runs in the native C kernel (:mod:`evomerge.methods.native`: one call per
+tensor, DARE masks hashed in the kernel instead of materialized) when it builds on this machine,
+else in the torch chunk loop below; both perform the same float32 operations in the same order.
 """
 
 from __future__ import annotations
