@@ -565,3 +565,20 @@ def test_chunked_linear_matches_plain(monkeypatch, dtype):
         assert torch.equal(get_method("linear")(xs, None, weight=w, out_dtype=dt), got.to(dt))
     monkeypatch.setattr(lin, "fusable", lambda *a: False)
     assert torch.equal(got, get_method("linear")(xs, None, weight=w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_all_finite_sees_every_non_finite_value(dtype):
+    from evomerge.methods import native
+
+    if not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    t = torch.randn(100_003, generator=gen(1)).to(dtype)
+    assert native.all_finite(t) is True
+    for pos in (0, 50_000, 100_002):
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            u = t.clone()
+            u[pos] = bad
+            assert native.all_finite(u) is False, (pos, bad)
+    assert native.all_finite(torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype))
+    assert native.all_finite(t[::2]) is None  # not contiguous: the caller checks another way

@@ -262,6 +262,20 @@ int em_block(const em_job *restrict J, int64_t o, int len) {
     return bad != 0;
 }
 
+/* 1 when every entry of the n-entry array p (dtype dt) is finite, else 0 */
+int em_all_finite(const void *p, int dt, int64_t n) {
+    uint32_t bad = 0;
+    if (dt == DT_F32) {
+        const uint32_t *restrict u = (const uint32_t *)p;
+        for (int64_t k = 0; k < n; k++) bad |= (u[k] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *restrict u = (const uint16_t *)p;
+        const uint16_t e = dt == DT_BF16 ? 0x7F80u : 0x7C00u; /* exponent bits */
+        for (int64_t k = 0; k < n; k++) bad |= (u[k] & e) == e;
+    }
+    return !bad;
+}
+
 typedef struct {
     em_job *jobs;
     const int64_t *first; /* first[j] = index of job j's first work item; first[njobs] = total */

@@ -129,6 +129,8 @@ def _load(cc: str, defines: dict[str, int]) -> ctypes.CDLL:
                            f"({ctypes.sizeof(Job) * 100 + MAX_SOURCES})")
     lib.em_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int]
     lib.em_run.restype = ctypes.c_int
+    lib.em_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    lib.em_all_finite.restype = ctypes.c_int
     return lib
 
 
@@ -189,6 +191,14 @@ def supports(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> b
     ts = [out, base, *xs]
     return (1 <= len(xs) <= MAX_SOURCES and all(t.device.type == "cpu" and t.dtype in DTYPES
                                                 and t.is_contiguous() for t in ts))
+
+
+def all_finite(t: torch.Tensor) -> bool | None:
+    """Whether every value of ``t`` is finite (one pass over its bits), or ``None`` when the native
+    library cannot check it (not a contiguous CPU float32/bfloat16/float16 tensor, or unavailable)."""
+    if t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous() or not available():
+        return None
+    return bool(_state["driver"].em_all_finite(t.data_ptr(), DTYPES[t.dtype], t.numel()))
 
 
 def next_up(v: float) -> float:
