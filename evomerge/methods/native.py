@@ -3,17 +3,20 @@
 Why: on CPU a whole TIES / DARE-TIES candidate through ``torch.compile`` paid about 0.75 ns per
 entry of Inductor arithmetic (int64 index vectors, mask casts) plus ~30 us of guard and wrapper
 overhead per launch, and a tensor whose top-k threshold splits a tie group needed one launch per
-segment. ``native.c`` merges *every* task-vector tensor of a candidate in one call: a thread pool
-takes 32K-entry work items from a shared counter, each item is computed in L1-resident 256-entry
-float32 blocks, tie cuts are a per-entry threshold choice (no segments) and the DARE hash is plain
-uint32 arithmetic the compiler vectorizes.
+segment. ``native.c`` merges *every* task-vector tensor of a candidate in one call (the disk
+pipeline calls it per tensor): a thread pool takes 32K-entry work items from a shared counter, each
+item is computed in 256-entry blocks, split at tie cuts so thresholds stay scalars in the
+vectorized loop, and the DARE hash is plain uint32 arithmetic. Each variant (sources, trim mode,
+switches, dtypes) is its own small library, built on first use (~0.5 s), so its loop has every
+branch resolved at compile time.
 
 Exactness: the C code performs the eager reference's float32 operations in the same order, with
 contraction into fused multiply-adds disabled (``-ffp-contract=off``) except the one ``fmaf`` that
 mirrors ``torch.add(alpha=)``; outputs are rounded to nearest even. tests/test_resident.py compares
-it bit for bit with the eager kernels and the reference methods.
+it bit for bit with the eager kernels and the reference methods (tests/test_methods.py: the disk
+pipeline).
 
-The shared library is built into ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``)/native, keyed
+The shared libraries are built into ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``)/native, keyed
 by the source, the flags, the compiler and this CPU's feature flags (``-march=native``), written
 under a temporary name and renamed. No compiler, a failed build or ``EVOMERGE_NATIVE=0``: the
 callers keep the ``torch.compile`` / eager kernels (same results), with one warning for a failed

@@ -282,7 +282,7 @@ class ResidentSources:
         divs = [d if (d < 1.0 and rescale and d > 0) else 1.0 for d in dens]
         cuts: list[tuple[tuple[float, int], tuple[float, int]]] = []  # per source: (hi, lo) (thr, cut)
         for i, d in enumerate(dens):
-            hi, lo = (-1.0, numel), (INF, numel)  # keep everything
+            hi, lo = native.KEEP_ALL
             if mode in ("thr", "band") and d < 1.0:
                 refs = (srcs[i], base_ref)
                 if mode == "thr":

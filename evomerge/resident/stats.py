@@ -2,7 +2,7 @@
 
 For one tensor with task vector ``d = x - base`` (float32) the statistic is its *rank order*:
 the flat indices of ``|d|`` sorted by (magnitude descending, flat index ascending), i.e. a stable
-descending argsort, stored as int32 on the host (4 bytes per parameter per source). With it the
+descending argsort, stored as an int32 numpy array on the host (4 bytes per parameter per source). With it the
 reference's exact top-k set (:func:`evomerge.methods.sparsify.top_k_mask`: ``k = int(density *
 numel)``, ties at the threshold broken by lowest flat index) is, for any ``k``, without sorting or
 scanning again::
