@@ -1,8 +1,9 @@
 """Hugging Face model directories: lazy safetensors reads and an atomic, streaming sharded writer.
 
 Reading: :meth:`Checkpoint.open` parses ``config.json`` and the safetensors headers only; a tensor is
-read when asked for, with ``pread`` through a cached file handle per shard (no mmap, so resident
-memory stays one tensor). Pickled weights are refused. Tied embeddings are virtual:
+read when asked for, with ``pread`` through a cached file handle per shard (:meth:`Checkpoint.read`:
+resident memory stays the tensors in use) or mapped (:meth:`Checkpoint.map`: no copy, for streaming
+merges that drop each tensor once used). Pickled weights are refused. Tied embeddings are virtual:
 ``lm_head.weight`` of a tied model reads the embedding.
 
 Writing: :class:`CheckpointWriter` is told every tensor up front, lays the shards out, writes each
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -321,14 +323,8 @@ class Checkpoint:
             name = self.embedding_name  # type: ignore[assignment]
         return self._entry(name).nbytes
 
-    def read(self, name: str, device: str | torch.device = "cpu", *,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """One tensor in its stored dtype; a tied ``lm_head.weight`` reads the embedding.
-
-        ``buffer``: a uint8 CPU tensor of at least the tensor's byte size to read into (the result is
-        a view of it). Reusing one buffer avoids faulting in fresh pages on every read, which made
-        ``pread`` 4-5x slower on CPU (1.4 vs 6 GB/s from the page cache).
-        """
+    def _open(self, name: str) -> tuple[_Entry, int]:
+        """``name``'s entry (a tied ``lm_head.weight``: the embedding's) and its shard's cached fd."""
         if name not in self._entries and name == TIED_HEAD and self.tie_word_embeddings:
             name = self.embedding_name  # type: ignore[assignment]
         entry = self._entry(name)
@@ -341,15 +337,44 @@ class Checkpoint:
                     raise CheckpointError(f"{self.ref}: cannot open {entry.file} ({e}); re-download or "
                                           f"re-export the model") from e
                 self._handles[entry.file] = fd
-        # pread into a fresh tensor: one copy from the page cache, no mmap (so RSS stays one tensor).
-        if buffer is None:
-            buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-        elif buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or buffer.numel() < entry.nbytes \
-                or not buffer.is_contiguous():
-            raise ValueError(f"read buffer for {name!r} must be a contiguous uint8 CPU tensor of at least "
-                             f"{entry.nbytes} bytes")
-        else:
-            buf = buffer.view(-1)[:entry.nbytes]
+        return entry, fd
+
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype on the CPU, backed by a private (copy-on-write) memory map
+        of its shard instead of a copy: reading it reads the page cache directly, which saves the
+        copy :meth:`read` makes (about a third of a 3-source linear merge's time on CPU). Writes to
+        the tensor stay private. The mapping is released when the tensor and every view of it are
+        freed, so keep such tensors short-lived (streaming); file-backed pages count in RSS while
+        mapped. An empty tensor, or data not aligned to its element size, is read instead.
+
+        The shard's size is checked first: a file truncated after :meth:`open` would otherwise kill
+        the process (SIGBUS) when the missing pages are touched.
+        """
+        entry, fd = self._open(name)
+        if entry.nbytes == 0 or entry.offset % entry.dtype.itemsize:
+            return self.read(name)
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise CheckpointError(f"{self.ref}: cannot stat {entry.file} ({e})") from e
+        if size < entry.offset + entry.nbytes:
+            raise CheckpointError(f"{self.ref}: tensor {name!r} ends at byte {entry.offset + entry.nbytes} of "
+                                  f"{entry.file}, which now holds {size} bytes; the file changed or is "
+                                  f"damaged, re-download or re-export the model")
+        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(fd, entry.offset + entry.nbytes - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.ref}: cannot map tensor {name!r} of {entry.file} ({e})") from e
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start)
+        return flat.view(entry.dtype).reshape(entry.shape)
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor in its stored dtype; a tied ``lm_head.weight`` reads the embedding."""
+        entry, fd = self._open(name)
+        # pread into a fresh tensor: one copy from the page cache, memory of its own
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
         while done < entry.nbytes:

@@ -70,28 +70,27 @@ class OutputTensor:
     op: TensorOp
     models: Mapping[str, Checkpoint] = field(repr=False, compare=False)  # the plan's models, by ref
 
-    def load(self, device: torch.device, buffers: ReadBuffers | None = None) -> list[torch.Tensor]:
-        """The op's inputs on ``device`` as stored: ``inputs`` in order, then ``base``; read into
-        ``buffers`` (reused host buffers, one per input slot) when given."""
+    def load(self, device: torch.device, mapped: bool = False) -> list[torch.Tensor]:
+        """The op's inputs on ``device`` as stored: ``inputs`` in order, then ``base``. ``mapped``:
+        CPU tensors over memory maps of the files (:meth:`Checkpoint.map`: no read copy; drop them
+        once used), moved to ``device`` when it is not the CPU."""
         op = self.op
         refs = [*op.inputs, op.base] if op.base is not None else list(op.inputs)
-        out = []
-        for slot, r in enumerate(refs):
-            ck = self.models[r.model]
-            buf = buffers.get(slot, ck.nbytes(r.name)) if buffers is not None else None
-            out.append(ck.read(r.name, device=device, buffer=buf))
-        return out
+        if not mapped:
+            return [self.models[r.model].read(r.name, device=device) for r in refs]
+        out = [self.models[r.model].map(r.name) for r in refs]
+        return out if device.type == "cpu" else [t.to(device) for t in out]
 
-    def compute(self, device: torch.device, buffers: ReadBuffers | None = None,
+    def compute(self, device: torch.device, mapped: bool = False,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor on ``device``: float32 (or a copy's stored dtype), or a merge rounded once to
         ``out_dtype``; see :class:`TensorOp`.
 
-        ``buffers``: read the inputs into these reused host buffers; the result may then be a view
-        of one of them (a copy), valid until the buffers are reused.
+        ``mapped``: read the inputs as memory maps (see :meth:`load`); the result may then be a view
+        of one (a copy), so write it out and drop it rather than keep it.
         """
         op = self.op
-        loaded = self.load(device, buffers)
+        loaded = self.load(device, mapped)
         if op.kind == "copy":
             t = loaded[0]
             return t if op.scale == 1.0 else t.float() * op.scale
@@ -116,20 +115,6 @@ class OutputTensor:
             raise MergeError(f"method '{spec.name}' produced non-finite values for tensor "
                              f"'{op.inputs[0].name}'; check the recipe's weights and densities")
         return result
-
-
-class ReadBuffers:
-    """Reusable host buffers, one per input slot of a tensor op, grown to the largest read so far."""
-
-    def __init__(self) -> None:
-        self._bufs: list[torch.Tensor] = []
-
-    def get(self, slot: int, nbytes: int) -> torch.Tensor:
-        while len(self._bufs) <= slot:
-            self._bufs.append(torch.empty(0, dtype=torch.uint8))
-        if self._bufs[slot].numel() < nbytes:
-            self._bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._bufs[slot]
 
 
 @dataclass
@@ -359,11 +344,11 @@ def plan_recipe(recipe: Recipe, models: dict[str, Checkpoint] | None = None) -> 
 
 
 def iter_tensors(plan: Plan, device: str | torch.device = "cpu", progress: bool = False,
-                 reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                 mapped: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in the plan's dtype, one at a time.
 
-    ``reuse_buffers``: read every input into the same few host buffers (much faster reads); a
-    yielded tensor is then only valid until the next one is requested (streaming writers).
+    ``mapped``: read inputs as memory maps (no read copy); for streaming writers that drop each
+    yielded tensor once written (a copy may be a view of a shard's mapping).
     """
     device = torch.device(device)
     items = plan.tensors
@@ -371,9 +356,8 @@ def iter_tensors(plan: Plan, device: str | torch.device = "cpu", progress: bool 
         from tqdm import tqdm
 
         items = tqdm(items, desc="merging", unit="tensor", dynamic_ncols=True)
-    buffers = ReadBuffers() if reuse_buffers else None
     for t in items:
-        yield t.name, t.compute(device, buffers, out_dtype=plan.dtype).to(plan.dtype)
+        yield t.name, t.compute(device, mapped, out_dtype=plan.dtype).to(plan.dtype)
 
 
 def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,
@@ -389,7 +373,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", d
     writer = CheckpointWriter(out_dir, plan.specs(), shard_size=parse_size(shard_size), overwrite=overwrite,
                               metadata={"evomerge_recipe": text})
     with writer:
-        for name, tensor in iter_tensors(plan, device, progress, reuse_buffers=True):
+        for name, tensor in iter_tensors(plan, device, progress, mapped=True):
             writer.write(name, tensor)
         return writer.finish(config=config, tokenizer_from=plan.tokenizer_from,
                              extra_files={"recipe.yaml": text})

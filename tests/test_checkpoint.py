@@ -364,14 +364,58 @@ def test_streaming_peak_memory_is_one_tensor(tmp_path):
     assert len([p for p in (tmp_path / "big").iterdir() if p.suffix == ".safetensors"]) == 3
 
 
-def test_read_into_reused_buffer(tmp_path):
-    path = build_tiny_model(tmp_path / "m", dtype=torch.bfloat16, max_shard_size="100KB")
+def _maps_of(path: Path) -> int:
+    """How many of this process's memory mappings are of ``path``."""
+    return sum(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_map_equals_read_and_stays_private(tmp_path, dtype):
+    """Checkpoint.map gives the bytes read gives (tied head included), writes to it never reach
+    the file, and a mapping lives exactly as long as a tensor or view of it."""
+    path = build_tiny_model(tmp_path / "m", dtype=dtype, max_shard_size="100KB", tie_word_embeddings=True)
     ck = Checkpoint.open(path)
+    names = [*ck.names, "lm_head.weight"]
+    assert "lm_head.weight" not in ck.names and ck.has("lm_head.weight")
+    for name in names:
+        got, want = ck.map(name), ck.read(name)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), name
     big = max(ck.names, key=ck.nbytes)
-    buf = torch.empty(ck.nbytes(big), dtype=torch.uint8)
-    for name in ck.names:
-        got = ck.read(name, buffer=buf)
-        assert got.data_ptr() == buf.data_ptr()
-        assert torch.equal(got, ck.read(name))
-    with pytest.raises(ValueError, match="at least"):
-        ck.read(big, buffer=torch.empty(ck.nbytes(big) - 1, dtype=torch.uint8))
+    shard = path / ck._entry(big).file
+    before = shard.read_bytes()
+    base = _maps_of(shard)
+    t = ck.map(big)
+    view = t[1:]
+    assert _maps_of(shard) == base + 1
+    t.fill_(7)  # copy-on-write: this process's pages only
+    assert shard.read_bytes() == before and torch.equal(ck.read(big), Checkpoint.open(path).read(big))
+    del t
+    assert _maps_of(shard) == base + 1  # the view keeps the mapping
+    assert (view == 7).all()
+    del view
+    assert _maps_of(shard) == base
+
+
+def test_map_unaligned_and_empty_tensors_are_read(tmp_path):
+    """Data not aligned to its element size (a float32 after an odd number of bf16 values) and
+    empty tensors cannot be mapped as tensors: map reads them instead, same values."""
+    tensors = {"a": torch.randn(3, dtype=torch.float32).to(torch.bfloat16), "b": torch.randn(5, 7),
+               "empty": torch.zeros(0, 4), "c": torch.randn(9, dtype=torch.float32).to(torch.float16)}
+    ck = Checkpoint.open(_write(tmp_path / "u", tensors, shard_size="1GB"))
+    assert ck._entry("b").offset % 4 == 2  # the case under test
+    for name, t in tensors.items():
+        assert torch.equal(ck.map(name), t), name
+
+
+def test_map_of_a_shard_truncated_after_open(tmp_path, sharded):
+    """A shard cut short after open: map names the tensor and file (instead of SIGBUS on access)."""
+    d = _copy(sharded, tmp_path / "m")
+    ck = Checkpoint.open(d)
+    name = max(ck.names, key=lambda n: ck._entry(n).offset)
+    victim = d / ck._entry(name).file
+    os.truncate(victim, ck._entry(name).offset + 10)
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' ends at byte \d+ of {victim.name}, "
+                                              rf"which now holds \d+ bytes"):
+        ck.map(name)

@@ -549,22 +549,38 @@ def test_chunked_cpu_pipeline_matches_plain(case, use_native, monkeypatch):
     assert (native.jobs_run > runs) == use_native
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_chunked_linear_matches_plain(monkeypatch, dtype):
-    """Linear on CPU tensors of >= 32K entries runs chunk by chunk: the same values as the
-    whole-tensor loop, and the weighted mean within float32 rounding of a float64 reference."""
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, "mixed"])
+def test_chunked_linear_matches_plain(monkeypatch, dtype, use_native):
+    """Linear on CPU tensors of >= 32K entries runs in the native C kernel or chunk by chunk in
+    torch: bit for bit the whole-tensor loop (signed zeros included), and the weighted mean within
+    float32 rounding of a float64 reference."""
     import evomerge.methods.linear as lin
+    from evomerge.methods import native
 
+    if use_native and not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
     g = gen(3)
-    xs = [torch.randn(2, lin.CHUNK + 777, generator=g).to(dtype) for _ in range(3)]  # 3 chunks
-    w = [0.3, 0.0, 0.9]
-    got = get_method("linear")(xs, None, weight=w)
-    ref = sum(wi * x.double() for wi, x in zip(w, xs)) / sum(w)
-    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
-    for dt in (torch.bfloat16, torch.float16):
-        assert torch.equal(get_method("linear")(xs, None, weight=w, out_dtype=dt), got.to(dt))
-    monkeypatch.setattr(lin, "fusable", lambda *a: False)
-    assert torch.equal(got, get_method("linear")(xs, None, weight=w))
+    dts = [torch.bfloat16, torch.float32, torch.float16] if dtype == "mixed" else [dtype] * 3
+    xs = [torch.randn(2, lin.CHUNK + 777, generator=g).to(dt) for dt in dts]  # 3 chunks
+    for x in xs:  # signed zeros where every source is zero: -0 * w and -0 + -0 keep the sign
+        x[0, :64] = -0.0
+        x[1, :64] = 0.0
+    xs[0][0, 64:96] = -0.0
+    runs = native.jobs_run
+    for w, normalize in (([0.3, 0.0, 0.9], True), ([1.0, -0.7, 0.25], False), ([-2.0, 1.5, 1.0], False)):
+        got = get_method("linear")(xs, None, weight=w, normalize=normalize)
+        ref = sum(wi * x.double() for wi, x in zip(w, xs)) / (sum(w) if normalize else 1)
+        assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
+        for dt in (torch.bfloat16, torch.float16):
+            assert torch.equal(get_method("linear")(xs, None, weight=w, normalize=normalize, out_dtype=dt),
+                               got.to(dt))
+        with monkeypatch.context() as m:
+            m.setattr(lin, "fusable", lambda *a: False)
+            plain = get_method("linear")(xs, None, weight=w, normalize=normalize)
+        assert torch.equal(got, plain) and torch.equal(got.view(torch.int32), plain.view(torch.int32)), w
+    assert (native.jobs_run > runs) == use_native
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

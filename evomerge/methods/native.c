@@ -25,6 +25,9 @@
  *   no election:   m = fma(d_i, w_i, m) from m = 0 (as torch.add(alpha=)), then m = m / norm_div
  *   res = m * lambda + b, rounded to the output dtype (round to nearest even)
  *
+ * The linear variant (EM_LINEAR, no base, no trim): res = x_0 * w_0, then res = fma(x_i, w_i, res)
+ * for i >= 1, as evomerge/methods/linear.py (acc = x_0 * w_0; acc.add_(x_i, alpha=w_i)).
+ *
  * A job's `nonfinite` is set when a rounded output value is inf or nan. Built with -ffp-contract=off
  * (no fused multiply-add but the explicit fmaf) and -fno-strict-aliasing (bit casts through pointers).
  */
@@ -65,6 +68,9 @@
 #endif
 #ifndef EM_NORMALIZE
 #define EM_NORMALIZE 0
+#endif
+#ifndef EM_LINEAR       /* the linear method: no base (J->base unused), EM_MODE must be TRIM_NONE */
+#define EM_LINEAR 0
 #endif
 #ifndef EM_XDT          /* dtype of the base and every source, or -1 when they differ or are float16 */
 #define EM_XDT (-1)
@@ -187,7 +193,7 @@ int em_block(const em_job *restrict J, int64_t o, int len) {
     const float lam = J->lam, nd = J->norm_div;
 #if EM_XDT < 0
     float b[BLK], x[EM_MAX][BLK];
-    load(b, J->base, J->base_dtype, o, len);
+    if (!EM_LINEAR) load(b, J->base, J->base_dtype, o, len);
     for (int i = 0; i < n; i++) load(x[i], xp[i], J->x_dtype[i], o, len);
 #define BASE(k) b[k]
 #define SRC(i, k) x[i][k]
@@ -212,6 +218,10 @@ int em_block(const em_job *restrict J, int64_t o, int len) {
             tl[i] = s <= lc[i] ? l0[i] : l1[i];
         }
         for (int k = s; k < e; k++) {
+#if EM_LINEAR
+            float r = SRC(0, k) * w[0];
+            for (int i = 1; i < n; i++) r = fmaf(SRC(i, k), w[i], r);
+#else
             const float bk = BASE(k);
             float wd[EM_MAX];
             float m = 0.0f;
@@ -244,6 +254,7 @@ int em_block(const em_job *restrict J, int64_t o, int len) {
                 m = m / nd;
             }
             const float r = m * lam + bk;
+#endif
 #if EM_ODT == DT_BF16
             const uint32_t xb = f32_bits(r);
             ((uint16_t *)J->out)[o + k] = (uint16_t)((xb + 0x7FFFu + ((xb >> 16) & 1u)) >> 16);

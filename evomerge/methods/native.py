@@ -161,17 +161,21 @@ def available() -> bool:
         return True
 
 
-def block_fn(*, n: int, mode: str, elect: bool, rescale: bool, normalize: bool, xdt: int, odt: int) -> int | None:
+def block_fn(*, n: int, mode: str, elect: bool, rescale: bool, normalize: bool, xdt: int, odt: int,
+             linear: bool = False) -> int | None:
     """Address of the ``em_block`` of one variant (compiled on first use; ``None`` when unavailable).
-    ``xdt``: the common dtype code of base and sources (bfloat16 or float32), else -1."""
+    ``xdt``: the common dtype code of base and sources (bfloat16 or float32), else -1. ``linear``:
+    the linear method's variant (no base; the trim and election switches must be off)."""
     if not available():
         return None
-    key = (n, TRIM[mode], int(elect), int(rescale), int(normalize and elect), xdt, odt)
+    if linear and (mode != "none" or elect or rescale):
+        raise ValueError("the linear variant has no trim, election or rescale")
+    key = (n, TRIM[mode], int(elect), int(rescale), int(normalize and elect), xdt, odt, int(linear))
     with _lock:
         fn = _state["variants"].get(key)
         if fn is None:
             defines = dict(zip(("EM_N", "EM_MODE", "EM_ELECT", "EM_RESCALE", "EM_NORMALIZE", "EM_XDT",
-                                "EM_ODT"), key))
+                                "EM_ODT", "EM_LINEAR"), key))
             try:
                 lib = _load(_compiler(), defines)
             except (OSError, RuntimeError, subprocess.SubprocessError, TypeError) as err:
@@ -244,6 +248,22 @@ def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor
             job.key[i], job.cutoff[i] = hash_[1 + 2 * i], hash_[2 + 2 * i]
     if hash_:
         job.hash_start = hash_[0]
+    return job
+
+
+def linear_job(out: torch.Tensor, xs: list[torch.Tensor], weights) -> Job | None:
+    """The linear method's job: ``out = x_0 * w_0``, then ``out = fma(x_i, w_i, out)`` in float32,
+    rounded to ``out``'s dtype (see native.c), or ``None`` when native.c cannot compute it here."""
+    if not xs or not supports(out, xs[0], xs):
+        return None
+    fn = block_fn(n=len(xs), mode="none", elect=False, rescale=False, normalize=False,
+                  xdt=dtype_code(*xs), odt=DTYPES[out.dtype], linear=True)
+    if fn is None:
+        return None
+    job = Job(fn=fn, out=out.data_ptr(), base=None, numel=out.numel(), n=len(xs), base_dtype=DTYPES[xs[0].dtype],
+              lam=1.0, norm_div=1.0)
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        job.xs[i], job.x_dtype[i], job.w[i] = x.data_ptr(), DTYPES[x.dtype], w
     return job
 
 
