@@ -224,7 +224,7 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
             elif tuple(ck.shape(nm)) != tuple(shape):
                 problems.append(f"{ck.ref}: tensor '{nm}' has shape {list(ck.shape(nm))}, expected {list(shape)}")
         parts = split_layer_name(name)
-        t = layer_t(parts[1] if parts else None, n_out, is_head=not _is_pre_weight(name))
+        t = layer_t(parts[1] if parts else None, n_out, is_head=not _is_pre_weight(name), head_t=recipe.head_t)
         per_source = {}
         for p in src_specs:
             vals = []

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, Recipe, StackRecipe, parse_recipe,
-                             stack_to_dataflow)
+from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, Recipe, StackRecipe, has_gradient,
+                             parse_recipe, resolve_param, stack_to_dataflow)
 
 SHARED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                   "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough")
@@ -141,7 +141,32 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
         out["dtype"] = dtype
     if tokenizer:
         out["tokenizer"] = tokenizer
-    return parse_recipe(out, source=source)
+    recipe = parse_recipe(out, source=source)
+    if isinstance(recipe, MergeRecipe) and _gradients(recipe):
+        # mergekit evaluates gradients at t = 0 for the tensors after the layers (final norm, head)
+        recipe = recipe.model_copy(update={"head_t": 0.0})
+    return recipe
+
+
+def _gradients(recipe: MergeRecipe) -> bool:
+    return any(has_gradient(v) for v in [*recipe.params.values(), *(v for s in recipe.sources for v in s.params.values())])
+
+
+# Filters (substrings, as mergekit matches them) that select the tensors after the layers, with a
+# name each selects, of the architectures evomerge targets: llama, mistral, qwen2/3, gemma
+# (model.norm), phi (final_layernorm), gpt2-style (ln_f), and every output head (lm_head).
+HEAD_FILTERS = {"lm_head": "lm_head.weight", "model.norm.": "model.norm.weight",
+                "final_layernorm": "model.final_layernorm.weight", "ln_f.": "transformer.ln_f.weight"}
+
+
+def _head_pinned(v: Any, head_t: float) -> Any:
+    """A gradient parameter as mergekit YAML whose value on the tensors after the layers is the
+    recipe's (at ``head_t``; mergekit would take the gradient's first value): one rule per head
+    filter with that value, then the parameter as it was."""
+    out = [{"filter": f, "value": val} for f, name in HEAD_FILTERS.items()
+           if (val := resolve_param(v, name, head_t)) is not None]
+    rest = _value_out(v)
+    return out + (rest if isinstance(v[0], ParamRule) else [{"value": rest}])
 
 
 def _value_out(v: Any) -> Any:
@@ -158,21 +183,26 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             raise ConfigError(Problem("method", f"mergekit has no method '{recipe.method}'"))
         out["merge_method"] = recipe.method
         recipe = _mergekit_rescale(recipe)
+        head_t = 1.0 if recipe.head_t is None else recipe.head_t
+
+        def param_out(v: Any) -> Any:
+            return _head_pinned(v, head_t) if head_t != 0.0 and has_gradient(v) else _value_out(v)
+
         if recipe.base:
             out["base_model"] = recipe.base
         if any(s.layers for s in recipe.sources):
             srcs = [{"model": s.model, "layer_range": list(s.layers)}
-                    | ({"parameters": {k: _value_out(v) for k, v in s.params.items()}} if s.params else {})
+                    | ({"parameters": {k: param_out(v) for k, v in s.params.items()}} if s.params else {})
                     for s in recipe.sources]
             if recipe.base:
                 srcs.append({"model": recipe.base, "layer_range": list(recipe.base_layers or recipe.sources[0].layers)})
             out["slices"] = [{"sources": srcs}]
         else:
             out["models"] = [{"model": s.model}
-                             | ({"parameters": {k: _value_out(v) for k, v in s.params.items()}} if s.params else {})
+                             | ({"parameters": {k: param_out(v) for k, v in s.params.items()}} if s.params else {})
                              for s in recipe.sources]
         if recipe.params:
-            out["parameters"] = {k: _value_out(v) for k, v in recipe.params.items()}
+            out["parameters"] = {k: param_out(v) for k, v in recipe.params.items()}
     else:
         path = stack_to_dataflow(recipe) if isinstance(recipe, StackRecipe) else recipe
         out["merge_method"] = "passthrough"
@@ -182,9 +212,12 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             raise ConfigError(Problem("embed/head", "mergekit passthrough takes the embeddings from the first "
                                       "slice's model and the head from the last slice's model; this recipe "
                                       "takes them elsewhere", "export in evomerge format instead"))
-    dtype = recipe.dtype
-    if dtype:
-        out["dtype"] = dtype
+    if recipe.dtype:
+        # evomerge computes in float32 and rounds once to the output dtype; mergekit computes in
+        # `dtype` (bfloat16 arithmetic loses most of a task vector's bits) and writes `out_dtype`
+        out["dtype"] = "float32"
+        if recipe.dtype != "float32":
+            out["out_dtype"] = recipe.dtype
     if recipe.tokenizer:
         out["tokenizer_source"] = recipe.tokenizer
     return out

@@ -139,6 +139,9 @@ class MergeRecipe(_RecipeCommon):
     sources: list[SourceSpec] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    # gradient position of the non-layer tensors after the layers (final norm, lm_head); None: 1.
+    # mergekit evaluates them at 0, so configs imported from mergekit with a gradient carry 0
+    head_t: float | None = Field(default=None, ge=0.0, le=1.0)
 
     _p = field_validator("params", mode="before")(classmethod(lambda cls, v: _coerce_params(v)))
     _l = field_validator("base_layers")(classmethod(lambda cls, v: _check_range(v)))
@@ -374,10 +377,11 @@ def validate_recipe(recipe: Recipe, *, source: str = "<recipe>") -> list[Problem
 # parameter resolution
 
 
-def layer_t(layer: int | None, num_layers: int, *, is_head: bool = False) -> float:
-    """Position of a tensor on the gradient axis: layers at i/(n-1), embeddings 0, head/final norm 1."""
+def layer_t(layer: int | None, num_layers: int, *, is_head: bool = False, head_t: float | None = None) -> float:
+    """Position of a tensor on the gradient axis: layers at i/(n-1), embeddings 0, head/final norm
+    ``head_t`` (default 1)."""
     if layer is None:
-        return 1.0 if is_head else 0.0
+        return (1.0 if head_t is None else head_t) if is_head else 0.0
     return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
@@ -387,6 +391,13 @@ def _interp(values: list[float], t: float) -> float:
     i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
     return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def has_gradient(value: ParamValue) -> bool:
+    """Whether ``value`` varies over the layers (a list of numbers, or a rule holding one)."""
+    if isinstance(value, list) and value:
+        return any(isinstance(r.value, list) for r in value) if isinstance(value[0], ParamRule) else True
+    return False
 
 
 def resolve_param(value: ParamValue, tensor_name: str, t: float) -> float | bool | None:

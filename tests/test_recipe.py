@@ -6,7 +6,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.mergekit_compat import from_mergekit, to_mergekit
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, StackRecipe, dump_recipe, layer_t,
-                             load_recipe, model_refs, parse_recipe, recipe_hash, resolve_param,
+                             load_recipe, model_refs, parse_recipe, recipe_hash, recipe_to_dict, resolve_param,
                              stack_to_dataflow)
 
 
@@ -150,3 +150,60 @@ def test_mergekit_rescale_semantics_kept():
                            "sources": [{"model": "x", "params": {"weight": 0.5, "density": 0.3}}]})
     with pytest.raises(ConfigError, match="rescale_l1"):
         to_mergekit(native)
+
+
+def _plan_params(recipe):
+    """Per output tensor: its resolved per-source and global parameters."""
+    from evomerge.materialize import plan_recipe
+
+    return {t.name: (dict(t.op.source_params), dict(t.op.global_params)) for t in plan_recipe(recipe).tensors}
+
+
+@pytest.fixture(scope="module")
+def tiny_fam(tmp_path_factory):
+    from evomerge.tiny import build_tiny_family
+
+    fam = build_tiny_family(tmp_path_factory.mktemp("fam"), n_experts=2, num_layers=3)
+    return {k: str(v) for k, v in fam.items()}
+
+
+def test_mergekit_gradients_take_their_first_value_after_the_layers(tiny_fam):
+    """mergekit evaluates gradients at t = 0 for the final norm and lm_head (evomerge: t = 1); an
+    imported config keeps mergekit's choice (head_t: 0), a native recipe keeps its own."""
+    f = tiny_fam
+    cfg = {"merge_method": "ties", "base_model": f["base"],
+           "models": [{"model": f["expert1"], "parameters": {"weight": [1.0, 0.2], "density": 0.5}},
+                      {"model": f["expert2"], "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]}}]}
+    imported = from_mergekit(cfg)
+    assert imported.head_t == 0.0
+    assert from_mergekit({**cfg, "models": [{"model": f["expert1"], "parameters": {"weight": 1.0}}]}).head_t is None
+    got = _plan_params(imported)
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        assert got[name][0]["weight"] == [1.0, 0.5], name
+    assert got["model.layers.2.mlp.up_proj.weight"][0] == {"weight": [0.2, 0.5], "density": [0.5, 0.9]}
+    native = imported.model_copy(update={"head_t": None})
+    own = _plan_params(native)
+    assert own["lm_head.weight"][0]["weight"] == own["model.norm.weight"][0]["weight"] == [0.2, 0.5]
+    assert own["model.embed_tokens.weight"][0]["weight"] == [1.0, 0.5]
+    # head_t is part of the recipe format: validated, written, read back
+    with pytest.raises(ConfigError, match="head_t"):
+        parse_recipe(ties(head_t=1.5))
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe_to_dict(imported)))) == imported
+
+
+def test_mergekit_export_pins_the_head_of_gradient_params(tiny_fam):
+    """Exporting a recipe whose gradients put the head at t = 1 adds head rules, so mergekit
+    (gradients at t = 0 there) merges every tensor with the recipe's values: the exported config,
+    read back as mergekit reads it, plans the same parameters for every tensor."""
+    f = tiny_fam
+    recipe = parse_recipe({"method": "ties", "base": f["base"], "params": {"lambda": [0.5, 1.5], "density": 0.6, "rescale_l1": True},
+                           "sources": [{"model": f["expert1"], "params": {"weight": [1.0, 0.2]}},
+                                       {"model": f["expert2"], "params": {"weight": [{"filter": "self_attn", "value": [0.0, 1.0]},
+                                                                                     {"filter": "norm", "value": [0.3, 0.6]},
+                                                                                     {"value": 0.4}]}}]})
+    mk = to_mergekit(recipe)
+    assert mk["models"][0]["parameters"]["weight"][0] == {"filter": "lm_head", "value": 0.2}
+    assert {"filter": "model.norm.", "value": 0.6} in mk["models"][1]["parameters"]["weight"]
+    back = from_mergekit(yaml.safe_load(yaml.safe_dump(mk)))
+    assert back.head_t == 0.0
+    assert _plan_params(back) == _plan_params(recipe)
