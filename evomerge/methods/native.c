@@ -28,7 +28,10 @@
  * The linear variant (EM_LINEAR, no base, no trim): res = x_0 * w_0, then res = fma(x_i, w_i, res)
  * for i >= 1, as evomerge/methods/linear.py (acc = x_0 * w_0; acc.add_(x_i, alpha=w_i)).
  *
- * A job's `nonfinite` is set when a rounded output value is inf or nan. Built with -ffp-contract=off
+ * A job's `nonfinite` is set when a rounded output value is inf or nan.
+ *
+ * Also exported by every build: em_all_finite (one pass over an array's bits) and em_rank_order
+ * (the TIES statistics: a stable descending radix argsort of |x - b|; see evomerge/resident/stats.py). Built with -ffp-contract=off
  * (no fused multiply-add but the explicit fmaf) and -fno-strict-aliasing (bit casts through pointers).
  */
 #include <math.h>
@@ -285,6 +288,131 @@ int em_all_finite(const void *p, int dt, int64_t n) {
         for (int64_t k = 0; k < n; k++) bad |= (u[k] & e) == e;
     }
     return !bad;
+}
+
+/* ---- rank orders: stable descending argsort of |x - b| (float32), for the TIES statistics ---- */
+
+#define RB 8                   /* bits per radix digit: 4 passes over 32-bit keys */
+#define RN (1 << RB)
+#define RMAX 64                /* threads */
+
+typedef struct {
+    const void *x, *b;
+    int xdt, bdt;
+    int64_t n;
+    uint32_t *key[2];
+    int32_t *idx[2];
+    int nthreads, src, shift;
+    int64_t (*hist)[RN];       /* [thread][digit]: counts, then scatter offsets */
+} em_rank;
+
+typedef struct {
+    em_rank *R;
+    int t;
+    void (*fn)(em_rank *, int);
+} em_part;
+
+static inline float ld(const void *p, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    if (dt == DT_BF16) return bf16_f32(((const uint16_t *)p)[i]);
+    _Float16 h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (float)h;
+}
+
+#define PART_LO(R, t) ((R)->n * (t) / (R)->nthreads)
+#define PART_HI(R, t) ((R)->n * ((t) + 1) / (R)->nthreads)
+
+/* keys: ~bits of |x - b| sort descending magnitudes ascending (non-negative floats order as their
+ * bits); indices start in flat order and every LSD radix pass is stable, so ties keep index order */
+static void rank_keys(em_rank *R, int t) {
+    for (int64_t i = PART_LO(R, t); i < PART_HI(R, t); i++) {
+        const float d = fabsf(ld(R->x, R->xdt, i) - ld(R->b, R->bdt, i));
+        R->key[0][i] = ~f32_bits(d);
+        R->idx[0][i] = (int32_t)i;
+    }
+}
+
+static void rank_count(em_rank *R, int t) {
+    int64_t *h = R->hist[t];
+    const uint32_t *k = R->key[R->src];
+    memset(h, 0, sizeof(int64_t) * RN);
+    for (int64_t i = PART_LO(R, t); i < PART_HI(R, t); i++) h[(k[i] >> R->shift) & (RN - 1)]++;
+}
+
+static void rank_scatter(em_rank *R, int t) {
+    int64_t *h = R->hist[t];
+    const int src = R->src, shift = R->shift;
+    const uint32_t *k = R->key[src];
+    const int32_t *ix = R->idx[src];
+    uint32_t *ko = R->key[src ^ 1];
+    int32_t *io = R->idx[src ^ 1];
+    for (int64_t i = PART_LO(R, t); i < PART_HI(R, t); i++) {
+        const int64_t o = h[(k[i] >> shift) & (RN - 1)]++;
+        ko[o] = k[i];
+        io[o] = ix[i];
+    }
+}
+
+static void *part_main(void *arg) {
+    em_part *P = (em_part *)arg;
+    P->fn(P->R, P->t);
+    return NULL;
+}
+
+/* fn(R, t) for every part t on its own thread (the caller's included); a part whose thread
+ * cannot be started runs on the caller */
+static void parallel(em_rank *R, void (*fn)(em_rank *, int)) {
+    pthread_t tid[RMAX];
+    em_part parts[RMAX];
+    int started[RMAX] = {0};
+    for (int t = 1; t < R->nthreads; t++) {
+        parts[t] = (em_part){R, t, fn};
+        started[t] = pthread_create(&tid[t], NULL, part_main, &parts[t]) == 0;
+    }
+    fn(R, 0);
+    for (int t = 1; t < R->nthreads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else fn(R, t);
+    }
+}
+
+/* order[0..n) = flat indices of |x - b| (float32 arithmetic, as torch computes it) sorted by
+ * magnitude descending, ties by ascending index: torch.sort(descending=True, stable=True).
+ * Scratch: key0, key1 (n uint32 each), idx1 (n int32). Returns 0, or -1 for a bad size. */
+int em_rank_order(const void *x, int xdt, const void *b, int bdt, int64_t n, int32_t *order,
+                  uint32_t *key0, uint32_t *key1, int32_t *idx1, int nthreads) {
+    if (n < 0 || n > INT32_MAX) return -1;
+    if (nthreads < 1 || n < 65536) nthreads = 1;
+    if (nthreads > RMAX) nthreads = RMAX;
+    int64_t(*hist)[RN] = (int64_t(*)[RN])malloc(sizeof(int64_t) * RN * (size_t)nthreads);
+    if (!hist) return -1;
+    em_rank R = {x, b, xdt, bdt, n, {key0, key1}, {order, idx1}, nthreads, 0, 0, hist};
+    parallel(&R, rank_keys);
+    for (int pass = 0; pass < 32 / RB; pass++) {
+        R.shift = pass * RB;
+        parallel(&R, rank_count);
+        /* offsets, digit-major then thread order (stable across threads); a digit shared by every
+         * key makes the pass a plain copy: skip it */
+        int64_t total = 0;
+        int same = 0;
+        for (int d = 0; d < RN; d++) {
+            int64_t sum = 0;
+            for (int u = 0; u < nthreads; u++) sum += hist[u][d];
+            same |= sum == n;
+            for (int u = 0; u < nthreads; u++) {
+                const int64_t c = hist[u][d];
+                hist[u][d] = total;
+                total += c;
+            }
+        }
+        if (same) continue;
+        parallel(&R, rank_scatter);
+        R.src ^= 1;
+    }
+    free(hist);
+    if (R.src == 1) memcpy(order, idx1, sizeof(int32_t) * (size_t)n);
+    return 0;
 }
 
 typedef struct {
