@@ -583,6 +583,30 @@ def test_chunked_linear_matches_plain(monkeypatch, dtype, use_native):
     assert (native.jobs_run > runs) == use_native
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                    (torch.float16, torch.bfloat16)])
+def test_native_counting_pass_counts_exactly(dtypes):
+    """native.count (the TIES counting pass) against a plain torch count per chunk: a threshold
+    inside a huge tie group, infinities counted as above, a nan reported."""
+    from evomerge.methods import native
+
+    if not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    g = gen(5)
+    n, chunk = 300_007, 65_536
+    base = (torch.randint(-50, 51, (n,), generator=g) * 2.0 ** -8).to(dtypes[1])
+    x = (base.float() + torch.randint(-3, 4, (n,), generator=g) * 2.0 ** -10).to(dtypes[0])
+    x[7] = float("inf")
+    a = (x.float() - base.float()).abs()
+    for v in (0.0, 2.0 ** -10, 2.0 ** -9, 1.5 * 2.0 ** -10, 1.0):
+        gt, eq = native.count(x, base, v, chunk, threads=3)
+        want_gt = [int((a[s:s + chunk] > v).sum()) for s in range(0, n, chunk)]
+        want_eq = [int((a[s:s + chunk] == v).sum()) for s in range(0, n, chunk)]
+        assert gt.tolist() == want_gt and eq.tolist() == want_eq, v
+    x[n - 1] = float("nan")
+    assert native.count(x, base, 2.0 ** -10, chunk) == "nan"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_native_all_finite_sees_every_non_finite_value(dtype):
     from evomerge.methods import native

@@ -98,26 +98,32 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
         m = a.numel()
         kk = min(m, max(1, round(ks[i] * m / n)))
         guess[i] = float(torch.kthvalue(a, m - kk + 1).values)
-    # 2. counting pass: per chunk, sum(u) and u.u for u = sign(|delta| - v)
+    # 2. counting pass: per chunk, how many |delta| are > v and == v
     spans = _chunks(n, COUNT_CHUNK)
     buf = torch.empty(min(n, COUNT_CHUNK), dtype=F32)
     bb = torch.empty_like(buf)
-    sums = torch.empty(len(todo), len(spans), 2, dtype=torch.float64)
-    for j, (s, e) in enumerate(spans):
-        L = e - s
-        b = bb[:L].copy_(bf[s:e])
-        u = buf[:L]
-        for r, i in enumerate(todo):
-            _delta_into(u, xs[i][s:e], b).abs_().sub_(guess[i]).sign_()
-            sums[r, j, 0] = u.sum()
-            sums[r, j, 1] = torch.dot(u, u)
-    if not bool(torch.isfinite(sums).all()):
+    counts = _native_counts(xs, bf, todo, guess)
+    if isinstance(counts, str):  # "nan": a task vector is not finite
         return None
-    # counts per chunk: gt = (S2 + S1) / 2, lt = (S2 - S1) / 2
-    gt = ((sums[..., 1] + sums[..., 0]) / 2).round().long()
-    lt = ((sums[..., 1] - sums[..., 0]) / 2).round().long()
-    lens = torch.tensor([e - s for s, e in spans], dtype=torch.long)
-    eq = lens - gt - lt
+    if counts is not None:
+        gt, eq = counts
+    else:  # torch: sum(u) and u.u for u = sign(|delta| - v)
+        sums = torch.empty(len(todo), len(spans), 2, dtype=torch.float64)
+        for j, (s, e) in enumerate(spans):
+            L = e - s
+            b = bb[:L].copy_(bf[s:e])
+            u = buf[:L]
+            for r, i in enumerate(todo):
+                _delta_into(u, xs[i][s:e], b).abs_().sub_(guess[i]).sign_()
+                sums[r, j, 0] = u.sum()
+                sums[r, j, 1] = torch.dot(u, u)
+        if not bool(torch.isfinite(sums).all()):
+            return None
+        # counts per chunk: gt = (S2 + S1) / 2, lt = (S2 - S1) / 2
+        gt = ((sums[..., 1] + sums[..., 0]) / 2).round().long()
+        lt = ((sums[..., 1] - sums[..., 0]) / 2).round().long()
+        lens = torch.tensor([e - s for s, e in spans], dtype=torch.long)
+        eq = lens - gt - lt
     for r, i in enumerate(todo):
         k, v = ks[i], guess[i]
         above, ties = int(gt[r].sum()), int(eq[r].sum())
@@ -141,6 +147,23 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
                 need -= found
         plans[i] = _Trim(lam_lo=_prev(v), lam_hi=v, cut=cut)
     return plans
+
+
+def _native_counts(xs, bf, todo, guess):
+    """The counting pass in the native kernel: ``(gt, eq)`` long tensors of shape (len(todo), chunks),
+    ``"nan"`` when a task vector holds a nan, ``None`` when the kernel cannot run here. The same
+    counts as the torch loop (``sign(|d| - v)`` is 1, 0, -1 exactly when ``|d| >, ==, < v``)."""
+    from evomerge.methods import native
+
+    gts, eqs = [], []
+    for i in todo:
+        got = native.count(xs[i], bf, guess[i], COUNT_CHUNK)
+        if got is None or isinstance(got, str):
+            return got
+        gts.append(torch.from_numpy(got[0]))
+        eqs.append(torch.from_numpy(got[1]))
+    native.jobs_run += 1
+    return torch.stack(gts), torch.stack(eqs)
 
 
 def _exact_plan(x: torch.Tensor, bf: torch.Tensor, k: int) -> _Trim:

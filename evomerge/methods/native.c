@@ -290,11 +290,86 @@ int em_all_finite(const void *p, int dt, int64_t n) {
     return !bad;
 }
 
+#define RMAX 64 /* threads of em_count and em_rank_order */
+
+/* entry i of an array of dtype dt, as float32 */
+static inline float ld(const void *p, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    if (dt == DT_BF16) return bf16_f32(((const uint16_t *)p)[i]);
+    _Float16 h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (float)h;
+}
+
+/* ---- TIES counting pass: per chunk, how many |x - b| (float32) are > v and == v ---- */
+
+typedef struct {
+    const void *x, *b;
+    int xdt, bdt;
+    int64_t n, chunk, nchunks;
+    float v;
+    int64_t *gt, *eq;
+    int64_t next;             /* shared chunk counter */
+    int nan;
+} em_counting;
+
+#define COUNT_LOOP(LX, LB)                                                        \
+    for (int64_t i = lo; i < hi; i++) {                                           \
+        const float d = fabsf((LX) - (LB));                                       \
+        g += d > v;                                                               \
+        q += d == v;                                                              \
+        bad |= d != d;                                                            \
+    }
+
+static void *count_worker(void *arg) {
+    em_counting *C = (em_counting *)arg;
+    const float v = C->v;
+    for (;;) {
+        const int64_t c = __atomic_fetch_add(&C->next, 1, __ATOMIC_RELAXED);
+        if (c >= C->nchunks) break;
+        const int64_t lo = c * C->chunk, hi = lo + C->chunk < C->n ? lo + C->chunk : C->n;
+        int64_t g = 0, q = 0;
+        int bad = 0;
+        if (C->xdt == DT_BF16 && C->bdt == DT_BF16) {
+            const uint16_t *x = (const uint16_t *)C->x, *b = (const uint16_t *)C->b;
+            COUNT_LOOP(bf16_f32(x[i]), bf16_f32(b[i]))
+        } else if (C->xdt == DT_F32 && C->bdt == DT_F32) {
+            const float *x = (const float *)C->x, *b = (const float *)C->b;
+            COUNT_LOOP(x[i], b[i])
+        } else {
+            COUNT_LOOP(ld(C->x, C->xdt, i), ld(C->b, C->bdt, i))
+        }
+        C->gt[c] = g;
+        C->eq[c] = q;
+        if (bad) __atomic_store_n(&C->nan, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+/* gt[c], eq[c] = entries of chunk c (entries c*chunk .. (c+1)*chunk - 1) with |x - b| > v and == v,
+ * float32 arithmetic as torch's (float32(x) - float32(b)). Returns 1 when some |x - b| is nan,
+ * 0 otherwise, -1 for bad sizes. */
+int em_count(const void *x, int xdt, const void *b, int bdt, int64_t n, float v, int64_t chunk,
+             int64_t *gt, int64_t *eq, int nthreads) {
+    if (n < 0 || chunk < 1) return -1;
+    em_counting C = {x, b, xdt, bdt, n, chunk, (n + chunk - 1) / chunk, v, gt, eq, 0, 0};
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > RMAX) nthreads = RMAX;
+    pthread_t tid[RMAX];
+    int started = 0;
+    for (int t = 1; t < nthreads && t < C.nchunks; t++) {
+        if (pthread_create(&tid[started], NULL, count_worker, &C) != 0) break;
+        started++;
+    }
+    count_worker(&C);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    return C.nan;
+}
+
 /* ---- rank orders: stable descending argsort of |x - b| (float32), for the TIES statistics ---- */
 
 #define RB 8                   /* bits per radix digit: 4 passes over 32-bit keys */
 #define RN (1 << RB)
-#define RMAX 64                /* threads */
 
 typedef struct {
     const void *x, *b;
@@ -311,14 +386,6 @@ typedef struct {
     int t;
     void (*fn)(em_rank *, int);
 } em_part;
-
-static inline float ld(const void *p, int dt, int64_t i) {
-    if (dt == DT_F32) return ((const float *)p)[i];
-    if (dt == DT_BF16) return bf16_f32(((const uint16_t *)p)[i]);
-    _Float16 h;
-    memcpy(&h, (const uint16_t *)p + i, sizeof h);
-    return (float)h;
-}
 
 #define PART_LO(R, t) ((R)->n * (t) / (R)->nthreads)
 #define PART_HI(R, t) ((R)->n * ((t) + 1) / (R)->nthreads)

@@ -141,6 +141,9 @@ def _load(cc: str, defines: dict[str, int]) -> ctypes.CDLL:
     lib.em_rank_order.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.em_rank_order.restype = ctypes.c_int
+    lib.em_count.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                             ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.em_count.restype = ctypes.c_int
     return lib
 
 
@@ -213,6 +216,25 @@ def all_finite(t: torch.Tensor) -> bool | None:
     if t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous() or not available():
         return None
     return bool(_state["driver"].em_all_finite(t.data_ptr(), DTYPES[t.dtype], t.numel()))
+
+
+def count(x: torch.Tensor, base: torch.Tensor, v: float, chunk: int, threads: int | None = None):
+    """Per chunk of ``chunk`` entries, how many float32 ``|x - base|`` are ``> v`` and ``== v``:
+    ``(gt, eq)`` int64 numpy arrays, or ``"nan"`` when some ``|x - base|`` is nan, or ``None`` when
+    native.c cannot compute it here (see :func:`rank_order`). The TIES counting pass."""
+    import numpy as np
+
+    n = x.numel()
+    if (base.numel() != n or any(t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous()
+                                 for t in (x, base)) or not available()):
+        return None
+    m = (n + chunk - 1) // chunk
+    gt, eq = np.empty(m, np.int64), np.empty(m, np.int64)
+    rc = _state["driver"].em_count(x.data_ptr(), DTYPES[x.dtype], base.data_ptr(), DTYPES[base.dtype], n, v,
+                                   chunk, gt.ctypes.data, eq.ctypes.data, int(threads or torch.get_num_threads()))
+    if rc < 0:
+        raise RuntimeError(f"native counting pass rejected {n} entries in chunks of {chunk}")
+    return "nan" if rc else (gt, eq)
 
 
 def rank_order(x: torch.Tensor, base: torch.Tensor, threads: int | None = None):
