@@ -345,10 +345,12 @@ class Checkpoint:
         copy :meth:`read` makes (about a third of a 3-source linear merge's time on CPU). Writes to
         the tensor stay private. The mapping is released when the tensor and every view of it are
         freed, so keep such tensors short-lived (streaming); file-backed pages count in RSS while
-        mapped. An empty tensor, or data not aligned to its element size, is read instead.
+        mapped. An empty tensor, data not aligned to its element size, or a file that cannot be
+        mapped (some FUSE and network filesystems) is read instead.
 
-        The shard's size is checked first: a file truncated after :meth:`open` would otherwise kill
-        the process (SIGBUS) when the missing pages are touched.
+        The shard's size is checked first: a file truncated after :meth:`open` and before this call
+        is a :class:`CheckpointError`. (Truncating a shard while one of its tensors is mapped and
+        being read still kills the process with SIGBUS, as it would any program that maps it.)
         """
         entry, fd = self._open(name)
         if entry.nbytes == 0 or entry.offset % entry.dtype.itemsize:
@@ -365,8 +367,10 @@ class Checkpoint:
         try:
             mm = mmap.mmap(fd, entry.offset + entry.nbytes - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.ref}: cannot map tensor {name!r} of {entry.file} ({e})") from e
+        except (OSError, ValueError):
+            # filesystems without mmap (some FUSE and network mounts), vm.max_map_count reached:
+            # the same bytes through pread
+            return self.read(name)
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start)
         return flat.view(entry.dtype).reshape(entry.shape)
 

@@ -144,6 +144,7 @@ class MergeRecipe(_RecipeCommon):
     head_t: float | None = Field(default=None, ge=0.0, le=1.0)
 
     _p = field_validator("params", mode="before")(classmethod(lambda cls, v: _coerce_params(v)))
+    _h = field_validator("head_t")(classmethod(lambda cls, v: None if v == 1.0 else v))  # 1 is the default
     _l = field_validator("base_layers")(classmethod(lambda cls, v: _check_range(v)))
 
 

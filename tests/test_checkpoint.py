@@ -409,6 +409,20 @@ def test_map_unaligned_and_empty_tensors_are_read(tmp_path):
         assert torch.equal(ck.map(name), t), name
 
 
+def test_map_falls_back_to_read_where_mapping_fails(sharded, monkeypatch):
+    """A filesystem that refuses mmap (some FUSE / network mounts): map reads the tensor instead."""
+    import mmap as mmap_module
+
+    ck = Checkpoint.open(sharded)
+    name = max(ck.names, key=ck.nbytes)
+
+    def refuse(*a, **kw):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap_module, "mmap", refuse)
+    assert torch.equal(ck.map(name), ck.read(name))
+
+
 def test_map_of_a_shard_truncated_after_open(tmp_path, sharded):
     """A shard cut short after open: map names the tensor and file (instead of SIGBUS on access)."""
     d = _copy(sharded, tmp_path / "m")

@@ -530,7 +530,7 @@ def test_chunked_cpu_pipeline_matches_plain(case, use_native, monkeypatch):
     if use_native and not native.available():
         pytest.skip("no C compiler for the native kernel")
     monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
-    runs = native.jobs_run
+    runs, counts = native.jobs_run, native.counts_run
     for normalize in (True, False):
         for rescale in (False, True):
             kw = dict(weight=w, density=dens, normalize=normalize, rescale=rescale, **{"lambda": 0.8})
@@ -547,6 +547,7 @@ def test_chunked_cpu_pipeline_matches_plain(case, use_native, monkeypatch):
             assert torch.equal(got, want), ("dare_ties", case, normalize, rescale, (got - want).abs().max())
     # case 3 drops every TIES source (density 0): no native job; DARE still has live sources
     assert (native.jobs_run > runs) == use_native
+    assert (native.counts_run > counts) == (use_native and case not in (3, 5))  # 3, 5: nothing to trim
 
 
 @pytest.mark.parametrize("use_native", [True, False])
@@ -605,6 +606,24 @@ def test_native_counting_pass_counts_exactly(dtypes):
         assert gt.tolist() == want_gt and eq.tolist() == want_eq, v
     x[n - 1] = float("nan")
     assert native.count(x, base, 2.0 ** -10, chunk) == "nan"
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_counting_pass_reports_a_nan_task_vector(use_native, monkeypatch):
+    """Both counting passes (native, torch) see a nan in a task vector and hand the tensor to the
+    plain pipeline (torch's sign() maps nan to 0, so the torch loop checks a sum taken before it)."""
+    from evomerge.methods import native
+    from evomerge.methods.fused import COUNT_CHUNK, _trim_plans
+
+    if use_native and not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
+    n = COUNT_CHUNK + 1000
+    base = torch.randn(n, generator=gen(2)).to(torch.bfloat16)
+    x = (base.float() + 0.01).to(torch.bfloat16)
+    assert _trim_plans([x], base, [n // 2]) is not None
+    x[n - 3] = float("nan")
+    assert _trim_plans([x], base, [n // 2]) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -173,6 +173,10 @@ def test_native_rank_order_is_torch_stable_sort(n):
         for threads in (1, 3):
             got = native.rank_order(x, b, threads=threads)
             assert got.dtype == np.int32 and np.array_equal(got, want), (xd, bd, threads)
+    if n > 10:  # nans of different payloads: all first, in index order, as torch orders them
+        xn = x0.clone()
+        xn[[9, 3, 5]] = torch.tensor([0x7FC00001, 0x7FC00000, 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+        assert np.array_equal(native.rank_order(xn, b0), ref(xn, b0))
     same = torch.full((n,), 0.5, dtype=torch.bfloat16)
     assert np.array_equal(native.rank_order(same, same), np.arange(n, dtype=np.int32))
     if n > 1:  # not contiguous: the caller sorts with torch

@@ -12,9 +12,10 @@ runs first, in its own chunked counting pass (:func:`_trim_plans`):
 
 1. a strided sample of ``|delta|`` guesses the k-th largest value ``v`` (bf16 task vectors take few
    distinct values, so ``v`` usually has many ties and the guess is usually exact);
-2. one counting pass computes, per chunk, ``#(|delta| > v)`` and ``#(|delta| < v)`` from
-   ``u = sign(|delta| - v)`` by two float reductions (``sum u`` and ``u . u``; exact for counts below
-   2^24);
+2. one counting pass computes, per chunk, ``#(|delta| > v)`` and ``#(|delta| == v)``: in the native
+   kernel (``em_count``, threads over chunks), else from ``u = sign(|delta| - v)`` by two float
+   reductions (``sum u`` and ``u . u``; exact for counts below 2^24); a nan in a task vector is
+   reported either way (the plain pipeline then defines the result);
 3. if ``#(> v) < k <= #(>= v)``, ``v`` is the exact threshold; the documented tie rule (keep the
    first ``k - #(> v)`` ties in flat order) becomes a cut position ``P``: entries before ``P`` keep
    ``|delta| >= v``, entries from ``P`` on keep ``|delta| > v`` -- both one ``hardshrink``. Otherwise
@@ -108,16 +109,18 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
     if counts is not None:
         gt, eq = counts
     else:  # torch: sum(u) and u.u for u = sign(|delta| - v)
-        sums = torch.empty(len(todo), len(spans), 2, dtype=torch.float64)
+        sums = torch.empty(len(todo), len(spans), 3, dtype=torch.float64)
         for j, (s, e) in enumerate(spans):
             L = e - s
             b = bb[:L].copy_(bf[s:e])
             u = buf[:L]
             for r, i in enumerate(todo):
-                _delta_into(u, xs[i][s:e], b).abs_().sub_(guess[i]).sign_()
+                _delta_into(u, xs[i][s:e], b).abs_().sub_(guess[i])
+                sums[r, j, 2] = u.sum()  # nan iff some |delta| is nan (sign() maps nan to 0)
+                u.sign_()
                 sums[r, j, 0] = u.sum()
                 sums[r, j, 1] = torch.dot(u, u)
-        if not bool(torch.isfinite(sums).all()):
+        if bool(torch.isnan(sums[..., 2]).any()):
             return None
         # counts per chunk: gt = (S2 + S1) / 2, lt = (S2 - S1) / 2
         gt = ((sums[..., 1] + sums[..., 0]) / 2).round().long()
@@ -151,8 +154,9 @@ def _trim_plans(xs: list[torch.Tensor], bf: torch.Tensor, ks: list[int | None]) 
 
 def _native_counts(xs, bf, todo, guess):
     """The counting pass in the native kernel: ``(gt, eq)`` long tensors of shape (len(todo), chunks),
-    ``"nan"`` when a task vector holds a nan, ``None`` when the kernel cannot run here. The same
-    counts as the torch loop (``sign(|d| - v)`` is 1, 0, -1 exactly when ``|d| >, ==, < v``)."""
+    ``"nan"`` when a task vector holds a nan, ``None`` when the kernel cannot run here. For finite
+    and infinite ``|d|`` the same counts as the torch loop (``sign(|d| - v)`` is 1, 0, -1 exactly
+    when ``|d| >, ==, < v``); both report a nan."""
     from evomerge.methods import native
 
     gts, eqs = [], []
@@ -162,7 +166,7 @@ def _native_counts(xs, bf, todo, guess):
             return got
         gts.append(torch.from_numpy(got[0]))
         eqs.append(torch.from_numpy(got[1]))
-    native.jobs_run += 1
+    native.counts_run += 1
     return torch.stack(gts), torch.stack(eqs)
 
 

@@ -30,8 +30,10 @@
  *
  * A job's `nonfinite` is set when a rounded output value is inf or nan.
  *
- * Also exported by every build: em_all_finite (one pass over an array's bits) and em_rank_order
- * (the TIES statistics: a stable descending radix argsort of |x - b|; see evomerge/resident/stats.py). Built with -ffp-contract=off
+ * Also exported by every build: em_all_finite (one pass over an array's bits), em_count (the disk
+ * TIES counting pass: per chunk, how many |x - b| are > v and == v; evomerge/methods/fused.py) and
+ * em_rank_order (the resident TIES statistics: a stable descending radix argsort of |x - b|;
+ * evomerge/resident/stats.py). Built with -ffp-contract=off
  * (no fused multiply-add but the explicit fmaf) and -fno-strict-aliasing (bit casts through pointers).
  */
 #include <math.h>
@@ -395,7 +397,7 @@ typedef struct {
 static void rank_keys(em_rank *R, int t) {
     for (int64_t i = PART_LO(R, t); i < PART_HI(R, t); i++) {
         const float d = fabsf(ld(R->x, R->xdt, i) - ld(R->b, R->bdt, i));
-        R->key[0][i] = ~f32_bits(d);
+        R->key[0][i] = d != d ? ~0x7FC00000u : ~f32_bits(d); /* every nan alike, first (torch's order) */
         R->idx[0][i] = (int32_t)i;
     }
 }

@@ -27,8 +27,8 @@ INF = math.inf
 
 def rank_order(x: torch.Tensor, base: torch.Tensor) -> np.ndarray:
     """Stable descending argsort of ``|x - base|`` (float32), as an int32 numpy array (host): on CPU
-    a radix sort in the native kernel (:func:`evomerge.methods.native.rank_order`, ~10x torch's
-    stable sort), else ``torch.sort``."""
+    a radix sort in the native kernel (:func:`evomerge.methods.native.rank_order`, ~6x faster than
+    torch's stable sort), else ``torch.sort``."""
     from evomerge.methods import native
 
     order = native.rank_order(x.reshape(-1), base.reshape(-1)) if x.device.type == "cpu" else None
