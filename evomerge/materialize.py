@@ -36,7 +36,6 @@ class TensorRef:
     name: str
 
 
-
 @dataclass(frozen=True)
 class TensorOp:
     """How one output tensor is built: everything :meth:`OutputTensor.compute` uses, resolved.

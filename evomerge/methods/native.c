@@ -292,7 +292,21 @@ int em_all_finite(const void *p, int dt, int64_t n) {
     return !bad;
 }
 
-#define RMAX 64 /* threads of em_count and em_rank_order */
+#define RMAX 64 /* threads per call */
+
+/* fn(arg) on `nthreads` threads, the caller's included (clamped to 1..RMAX). fn takes work from a
+ * shared counter in arg, so a thread that cannot be started leaves its share to the others. */
+static void pool(void *(*fn)(void *), void *arg, int nthreads) {
+    pthread_t tid[RMAX];
+    int started = 0;
+    if (nthreads > RMAX) nthreads = RMAX;
+    for (int t = 1; t < nthreads; t++) {
+        if (pthread_create(&tid[started], NULL, fn, arg) != 0) break;
+        started++;
+    }
+    fn(arg);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+}
 
 /* entry i of an array of dtype dt, as float32 */
 static inline float ld(const void *p, int dt, int64_t i) {
@@ -355,16 +369,7 @@ int em_count(const void *x, int xdt, const void *b, int bdt, int64_t n, float v,
              int64_t *gt, int64_t *eq, int nthreads) {
     if (n < 0 || chunk < 1) return -1;
     em_counting C = {x, b, xdt, bdt, n, chunk, (n + chunk - 1) / chunk, v, gt, eq, 0, 0};
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > RMAX) nthreads = RMAX;
-    pthread_t tid[RMAX];
-    int started = 0;
-    for (int t = 1; t < nthreads && t < C.nchunks; t++) {
-        if (pthread_create(&tid[started], NULL, count_worker, &C) != 0) break;
-        started++;
-    }
-    count_worker(&C);
-    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    pool(count_worker, &C, nthreads < C.nchunks ? nthreads : (int)C.nchunks);
     return C.nan;
 }
 
@@ -521,15 +526,7 @@ int em_run(em_job *jobs, int njobs, int nthreads) {
         first[j + 1] = first[j] + (jobs[j].numel + ITEM - 1) / ITEM;
     }
     em_ctx C = {jobs, first, njobs, 0};
-    if (nthreads > 64) nthreads = 64;
-    pthread_t tid[64];
-    int started = 0;
-    for (int t = 1; t < nthreads; t++) {
-        if (pthread_create(&tid[started], NULL, worker, &C) != 0) break;
-        started++;
-    }
-    worker(&C);
-    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    pool(worker, &C, nthreads);
     free(first);
     return 0;
 }

@@ -42,6 +42,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MAX_SOURCES = 8
@@ -204,17 +205,24 @@ def dtype_code(*ts: torch.Tensor) -> int:
     return DTYPES[dt] if dt in (torch.bfloat16, torch.float32) else -1
 
 
+def _plain(*ts: torch.Tensor) -> bool:
+    """Whether native.c can read these tensors in place: contiguous CPU float32/bfloat16/float16."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in ts)
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads or torch.get_num_threads())
+
+
 def supports(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> bool:
     """Whether native.c can compute this tensor (CPU, contiguous, float32/bfloat16/float16, 1..8 sources)."""
-    ts = [out, base, *xs]
-    return (1 <= len(xs) <= MAX_SOURCES and all(t.device.type == "cpu" and t.dtype in DTYPES
-                                                and t.is_contiguous() for t in ts))
+    return 1 <= len(xs) <= MAX_SOURCES and _plain(out, base, *xs)
 
 
 def all_finite(t: torch.Tensor) -> bool | None:
     """Whether every value of ``t`` is finite (one pass over its bits), or ``None`` when the native
     library cannot check it (not a contiguous CPU float32/bfloat16/float16 tensor, or unavailable)."""
-    if t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous() or not available():
+    if not _plain(t) or not available():
         return None
     return bool(_state["driver"].em_all_finite(t.data_ptr(), DTYPES[t.dtype], t.numel()))
 
@@ -223,16 +231,13 @@ def count(x: torch.Tensor, base: torch.Tensor, v: float, chunk: int, threads: in
     """Per chunk of ``chunk`` entries, how many float32 ``|x - base|`` are ``> v`` and ``== v``:
     ``(gt, eq)`` int64 numpy arrays, or ``"nan"`` when some ``|x - base|`` is nan, or ``None`` when
     native.c cannot compute it here (see :func:`rank_order`). The TIES counting pass."""
-    import numpy as np
-
     n = x.numel()
-    if (base.numel() != n or any(t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous()
-                                 for t in (x, base)) or not available()):
+    if base.numel() != n or not _plain(x, base) or not available():
         return None
     m = (n + chunk - 1) // chunk
     gt, eq = np.empty(m, np.int64), np.empty(m, np.int64)
     rc = _state["driver"].em_count(x.data_ptr(), DTYPES[x.dtype], base.data_ptr(), DTYPES[base.dtype], n, v,
-                                   chunk, gt.ctypes.data, eq.ctypes.data, int(threads or torch.get_num_threads()))
+                                   chunk, gt.ctypes.data, eq.ctypes.data, _threads(threads))
     if rc < 0:
         raise RuntimeError(f"native counting pass rejected {n} entries in chunks of {chunk}")
     return "nan" if rc else (gt, eq)
@@ -241,21 +246,18 @@ def count(x: torch.Tensor, base: torch.Tensor, v: float, chunk: int, threads: in
 def rank_order(x: torch.Tensor, base: torch.Tensor, threads: int | None = None):
     """``torch.sort(|x - base|, descending=True, stable=True).indices`` (float32 ``|x - base|``) as
     an int32 numpy array, by a four-pass (8-bit digits) LSD radix sort of the magnitudes' bits on a
-    thread pool (about 6x faster than torch's CPU sort; every nan ties with every other nan, as in torch), or ``None`` when native.c cannot compute it here
-    (not contiguous CPU float32/bfloat16/float16 tensors of one size below 2^31, or unavailable).
-    Scratch: 12 bytes per entry besides the 4-byte result."""
-    import numpy as np
-
+    thread pool (about 6x faster than torch's CPU sort; every nan ties with every other nan, as in
+    torch), or ``None`` when native.c cannot compute it here (not contiguous CPU
+    float32/bfloat16/float16 tensors of one size below 2^31, or unavailable). Scratch: 12 bytes per
+    entry besides the 4-byte result."""
     n = x.numel()
-    if (base.numel() != n or n >= 2**31 or any(t.device.type != "cpu" or t.dtype not in DTYPES
-                                                or not t.is_contiguous() for t in (x, base))
-            or not available()):
+    if base.numel() != n or n >= 2**31 or not _plain(x, base) or not available():
         return None
     order, idx1 = np.empty(n, np.int32), np.empty(n, np.int32)
     key0, key1 = np.empty(n, np.uint32), np.empty(n, np.uint32)
     rc = _state["driver"].em_rank_order(x.data_ptr(), DTYPES[x.dtype], base.data_ptr(), DTYPES[base.dtype], n,
                                         order.ctypes.data, key0.ctypes.data, key1.ctypes.data, idx1.ctypes.data,
-                                        int(threads or torch.get_num_threads()))
+                                        _threads(threads))
     if rc != 0:
         raise RuntimeError(f"native rank order failed ({rc}) for {n} entries")
     return order
@@ -329,7 +331,7 @@ def run(jobs: list[Job], threads: int | None = None) -> list[bool]:
         raise RuntimeError("the native kernel is not available")
     global jobs_run
     arr = (Job * len(jobs))(*jobs)
-    if _state["driver"].em_run(arr, len(jobs), int(threads or torch.get_num_threads())) != 0:
+    if _state["driver"].em_run(arr, len(jobs), _threads(threads)) != 0:
         raise RuntimeError("native merge kernel rejected a job (no kernel, sources outside 1..8 or "
                            "negative size)")
     jobs_run += len(jobs)

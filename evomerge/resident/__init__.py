@@ -40,12 +40,11 @@ import torch
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import MergeError
 from evomerge.materialize import OutputTensor, Plan, TensorRef, plan_recipe
-from evomerge.methods import get_method
+from evomerge.methods import get_method, native
 from evomerge.methods.common import resolve
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.methods.sparsify import DARE_BITS, dare_cutoff, dare_key, keep_count, outlier_counts
 from evomerge.recipe import Recipe, model_refs
-from evomerge.methods import native
 from evomerge.resident.kernels import compile_available, get_kernel
 from evomerge.resident.stats import INF, HostValues, rank_order, top_cut
 
