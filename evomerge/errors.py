@@ -64,3 +64,11 @@ class EvalError(EvomergeError):
 
 class StudyError(EvomergeError):
     """A study folder or storage is missing, unreachable or inconsistent."""
+
+
+class RunInterrupted(EvomergeError):
+    """A search stopped because of a fault outside the candidates (every Ray worker lost, a dead node,
+    an unreachable cluster). Trials that were running are recorded as interrupted; ``evomerge
+    resume`` finishes the study. The CLI exits with status 3 (not 2: the input was fine)."""
+
+    exit_code = 3

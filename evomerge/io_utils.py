@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -22,3 +23,57 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8, or a :class:`ConfigError` naming the file, line and byte offset."""
+    from evomerge.errors import ConfigError, Problem
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(Problem(f"{where}:{line}", f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                                  f"{err.start})", "save the file as UTF-8"), source=where) from None
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a :class:`ConfigError` (never a traceback) when it is missing,
+    unreadable (a folder, no permission) or not UTF-8."""
+    from evomerge.errors import ConfigError, Problem
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(Problem(str(path), f"{what} expected, found a folder", f"give the path of the {what}"),
+                          source=str(path))
+    if not path.is_file():
+        raise ConfigError(Problem(str(path), f"{what} not found"), source=str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(Problem(str(path), f"cannot read the {what}: {err.strerror or err}"),
+                          source=str(path)) from None
+    return decode_utf8(data, str(path))
+
+
+def load_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
+    """Parse one YAML document from ``path`` (UTF-8); every failure is a :class:`ConfigError` naming
+    the file and line. A multi-document file is refused with a message that says so."""
+    import yaml
+
+    from evomerge.errors import ConfigError, Problem
+
+    text = read_text_file(path, what)
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(Problem(where, f"invalid YAML: {' '.join(str(err).split())}"), source=str(path)) from None
+    docs = [d for d in docs if d is not None] or [None]
+    if len(docs) > 1:
+        raise ConfigError(Problem(str(path), f"{len(docs)} YAML documents in one file ('---' separators); "
+                                  f"a {what} is one document",
+                                  "split the file (a mergekit-multi file is not supported: merge each "
+                                  "document separately)"), source=str(path))
+    return docs[0]

@@ -281,14 +281,10 @@ def _prune(data: dict, locs: list[tuple]) -> dict:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe YAML file (evomerge or mergekit format)."""
+    from evomerge.io_utils import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(Problem(str(path), "recipe file not found"), source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(Problem(str(path), f"invalid YAML: {err}"), source=str(path)) from None
-    return parse_recipe(data, source=str(path))
+    return parse_recipe(load_yaml_file(path, "recipe file"), source=str(path))
 
 
 def _value_problems(spec, value: ParamValue, where: str) -> list[Problem]:

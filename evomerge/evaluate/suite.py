@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from evomerge.errors import ConfigError, EvalError, Problem
 
@@ -157,11 +156,10 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"suite file {path} does not exist (expected a YAML file describing tasks)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(Problem(str(path), f"not valid YAML: {e}"), source=str(path)) from None
+    from evomerge.io_utils import load_yaml_file, read_text_file
+
+    raw = load_yaml_file(path, "suite file")
+    text = read_text_file(path, "suite file")
     return parse_suite(raw, base_dir=path.parent, source=str(path), text=text, path=path)
 
 
@@ -297,7 +295,9 @@ def _check_extract(e: Any, where: str, problems: list[Problem]) -> Extract:
 
 def _read_items(path: Path, content: bytes, kind: str) -> tuple[Item, ...]:
     items = []
-    for lineno, line in enumerate(content.decode("utf-8").splitlines(), start=1):
+    from evomerge.io_utils import decode_utf8
+
+    for lineno, line in enumerate(decode_utf8(content, str(path)).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from evomerge.errors import ConfigError, EvomergeError, Problem
 from evomerge.search.dfs import DFSSpace
@@ -138,13 +137,10 @@ def resolve_ref(ref: str) -> str:
 
 def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size) -> SearchSpace:
     """Read and validate a search space YAML file (models are opened, headers only)."""
+    from evomerge.io_utils import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(Problem(str(path), "search space file not found"), source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(Problem(str(path), f"invalid YAML: {err}"), source=str(path)) from None
+    data = load_yaml_file(path, "search space file")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return parse_space(data, source=str(path), sizes=sizes)
