@@ -40,13 +40,61 @@ def _params(raw: Any, where: str, problems: list[Problem]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in IGNORED_PARAMS}
 
 
+MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
+
+
+def is_mergekit_moe(data: Any) -> bool:
+    """True for a mergekit-moe config (``experts`` / ``gate_mode`` keys)."""
+    return isinstance(data, dict) and bool(MOE_KEYS & set(data))
+
+
+def _shape_problems(data: dict[str, Any], at) -> list[Problem]:
+    """Problems of the entries' shapes (``models`` / ``slices`` lists of mappings with their keys),
+    found before any of them is read, so one bad entry never hides another."""
+    problems: list[Problem] = []
+    models, slices = data.get("models"), data.get("slices")
+    if models is not None and not isinstance(models, list):
+        problems.append(Problem(at("models"), f"expected a list of `- model: ...` entries, got {models!r}"))
+    for i, m in enumerate(models if isinstance(models, list) else []):
+        if not isinstance(m, dict) or "model" not in m:
+            problems.append(Problem(at(f"models[{i}]"), "each entry needs a `model` key",
+                                    "write `- model: path/or/hub-id`"))
+        elif m.get("parameters") is not None and not isinstance(m["parameters"], dict):
+            problems.append(Problem(at(f"models[{i}].parameters"), f"expected a mapping, got {m['parameters']!r}",
+                                    "write `parameters: {weight: 0.5}`"))
+        elif set(m) - {"model", "parameters"}:
+            problems.append(Problem(at(f"models[{i}]"), f"unknown key(s) {sorted(set(m) - {'model', 'parameters'})}",
+                                    "a models entry takes `model` and `parameters`"))
+    if slices is not None and not isinstance(slices, list):
+        problems.append(Problem(at("slices"), f"expected a list of slices, got {slices!r}"))
+    for i, sl in enumerate(slices if isinstance(slices, list) else []):
+        srcs = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(srcs, list) or not srcs:
+            problems.append(Problem(at(f"slices[{i}].sources"), "each slice needs a non-empty `sources` list"))
+            continue
+        for j, src in enumerate(srcs):
+            where = at(f"slices[{i}].sources[{j}]")
+            if not isinstance(src, dict) or "model" not in src:
+                problems.append(Problem(where, "each source needs a `model` key"))
+                continue
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in lr)):
+                problems.append(Problem(f"{where}.layer_range", f"expected [start, end] integers, got {lr!r}"))
+    return problems
+
+
 def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") -> Recipe:
-    """Convert a mergekit config mapping into an evomerge recipe (validated)."""
+    """Convert a mergekit config mapping into an evomerge recipe (validated). Every problem of the
+    file is reported at once."""
     problems: list[Problem] = []
     at = lambda key: f"{source}: {key}"  # noqa: E731
     for key in data:
         if key not in _TOP_KEYS:
-            problems.append(Problem(at(key), f"unknown mergekit key '{key}'"))
+            problems.append(Problem(at(key), f"unknown mergekit key '{key}'",
+                                    f"mergekit-yaml keys evomerge reads: {', '.join(sorted(_TOP_KEYS))}"))
+    shape = _shape_problems(data, at)
+    problems += shape
     method = data.get("merge_method")
     if method not in SHARED_METHODS:
         problems.append(Problem(at("merge_method"), f"mergekit method '{method}' is not supported by evomerge",
@@ -64,19 +112,13 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
     tokenizer = base if tok == "base" else (tok if tok != "union" else None)
     dtype = data.get("out_dtype") or data.get("dtype")
     gparams = _params(data.get("parameters"), at("parameters"), problems)
-    if problems:
+    if shape:  # the entries cannot be read; everything else found so far is reported with them
         raise ConfigError(problems, source=source)
 
     out: dict[str, Any]
     if data.get("models"):
         sources = []
         for i, m in enumerate(data["models"]):
-            if not isinstance(m, dict) or "model" not in m:
-                problems.append(Problem(at(f"models[{i}]"), "each entry needs a `model` key"))
-                continue
-            extra = set(m) - {"model", "parameters"}
-            if extra:
-                problems.append(Problem(at(f"models[{i}]"), f"unknown key(s) {sorted(extra)}"))
             if m["model"] == base and method != "linear":
                 continue  # mergekit passes the base separately to every base-using method
             sources.append({"model": m["model"], "params": _params(m.get("parameters"),

@@ -234,8 +234,14 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a recipe must be a mapping, got {type(data).__name__}"),
                           source=source)
+    from evomerge.mergekit_compat import from_mergekit, is_mergekit_moe
+
+    if is_mergekit_moe(data):
+        raise ConfigError(Problem(source, "this is a mergekit-moe config (it has `experts` / `gate_mode`): "
+                                  "it builds a Mixture-of-Experts model, which evomerge does not",
+                                  "build it with `mergekit-moe`; evomerge merges dense models "
+                                  "(mergekit-yaml configs and evomerge recipes)"), source=source)
     if "merge_method" in data:  # a mergekit config
-        from evomerge.mergekit_compat import from_mergekit
 
         return from_mergekit(data, source=source)
     data = dict(data)
