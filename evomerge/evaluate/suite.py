@@ -154,7 +154,7 @@ def normalize_answer(text: str, rule: Extract) -> str:
 def load_suite(path: str | Path) -> Suite:
     """Read, validate and load a suite (all of its data). Raises ConfigError / EvalError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EvalError(f"suite file {path} does not exist (expected a YAML file describing tasks)")
     from evomerge.io_utils import load_yaml_file, read_text_file
 
