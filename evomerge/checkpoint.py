@@ -21,10 +21,13 @@ import mmap
 import os
 import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,8 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
+# any one of these makes a folder's tokenizer loadable (vocab.json with merges.txt for GPT-2 style BPE)
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_HINT = (
@@ -86,22 +91,290 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"5GB"`` (decimal, like transformers), ``"1.5GiB"`` (binary), ``"500MB"`` or an int."""
+SIZE_HINT = ("write a number with a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
+             "(powers of 1024), e.g. '5GB'")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes from ``"5GB"`` (decimal, like transformers), ``"1.5GiB"`` (binary), ``"500MB"`` or an int.
+
+    ``what`` names the setting in the error (``"--shard-size"``, ``"shard_size"``)."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ConfigError(Problem("size", f"expected a size like '5GB' or a byte count, got {text!r}"))
+        raise ConfigError(Problem(what, f"expected a size like '5GB' or a byte count, got {text!r}", SIZE_HINT))
     if isinstance(text, int):
         value = text
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
         if m is None:
-            raise ConfigError(Problem("size", f"cannot read size {text!r}",
-                                      "write a number with a unit: B, KB, MB, GB, TB (powers of 1000) "
-                                      "or KiB, MiB, GiB, TiB (powers of 1024), e.g. '5GB'"))
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+            raise ConfigError(Problem(what, f"cannot read size {text!r}", SIZE_HINT))
+        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+        if not math.isfinite(number) or number > 2**62:
+            raise ConfigError(Problem(what, f"size {text[:40]!r} is too large", SIZE_HINT))
+        value = int(number)
     if value <= 0:
-        raise ConfigError(Problem("size", f"size must be positive, got {text!r}"))
+        raise ConfigError(Problem(what, f"size must be positive, got {text!r}", SIZE_HINT))
     return value
+
+
+# ----------------------------------------------------------------------------- OS errors and output paths
+
+
+def os_error_hint(err: OSError) -> str:
+    """How to fix an :class:`OSError`, by its errno."""
+    code = err.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "free disk space (or raise the quota), or choose an output folder on another disk"
+    if code == errno.EFBIG:
+        return ("a file grew past the file size limit (`ulimit -f`) or the filesystem's largest file; raise "
+                "the limit, choose another filesystem, or pass a smaller --shard-size")
+    if code == errno.EROFS:
+        return "the filesystem is read-only; choose a folder on a writable filesystem"
+    if code in (errno.EACCES, errno.EPERM):
+        return "no permission there; choose a folder you can write to, or fix its permissions"
+    if code == errno.ENOTDIR:
+        return "a part of the path is a file, not a folder; choose a path whose parents are all folders"
+    if code == errno.EEXIST:
+        return "something already exists at that path; remove it or choose another path"
+    if code == errno.EISDIR:
+        return "a folder is where a file was expected; choose another path"
+    if code == errno.ENOENT:
+        return "a folder on the path does not exist (or was removed meanwhile); check the path"
+    if code == errno.ENAMETOOLONG:
+        return "the path or one of its names is too long; choose a shorter path"
+    if code == errno.ELOOP:
+        return "the path runs in a loop of symbolic links; fix the links or choose another path"
+    if code in (errno.EMFILE, errno.ENFILE):
+        return "too many open files; raise the limit (`ulimit -n`) or close other programs"
+    if code == errno.EIO:
+        return "the disk or filesystem reported an input/output error; check it (dmesg) or use another"
+    if code == errno.EPIPE:
+        return "the program reading the output (a pipe) stopped early"
+    if code == errno.ENOMEM:
+        return "free memory or use a machine with more"
+    if code == errno.EXDEV:
+        return "the temporary folder and the output are on different filesystems; choose another output"
+    return "check the path and the filesystem it is on"
+
+
+def describe_os_error(err: OSError, what: str, path: str | os.PathLike | None = None) -> str:
+    """``"<what> <path>: <strerror> (fix: <hint>)"``; ``path`` defaults to the error's file name(s),
+    ``path=""`` leaves it out."""
+    if path is None and err.filename is not None:
+        path = os.fsdecode(err.filename)
+        if err.filename2 is not None:
+            path = f"{path} -> {os.fsdecode(err.filename2)}"
+    reason = err.strerror or str(err) or type(err).__name__
+    where = f"{what} {os.fspath(path)}" if path not in (None, "") else what
+    return f"{where}: {reason} (fix: {os_error_hint(err)})"
+
+
+def _abspath(path: str | os.PathLike) -> Path:
+    """Absolute, with ``.`` and ``..`` folded (``Path.absolute`` keeps them, and a name of ``..``
+    would make no sense for a temporary sibling)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+_TMP_TAG = ".tmp-"
+_NAME_MAX = 255
+_TMP_NAME_EXTRA = 40  # ".tmp-<pid>-<8 random>" / ".old-<8 hex>" added to the output's name
+
+
+def _looks_like_model_folder(path: Path) -> bool:
+    names = {p.name for p in path.iterdir()}
+    return not names or "config.json" in names or any(n.endswith(".safetensors") for n in names)
+
+
+def check_output_path(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The absolute output path of a model folder, after checks that need no writing.
+
+    Refuses (:class:`CheckpointError`, worded for the CLI): an existing ``out`` without
+    ``overwrite``; with ``overwrite``, an ``out`` that is a file or a folder that holds no model
+    (``--overwrite`` replaces model folders only); a parent that is a file; a parent on a read-only
+    filesystem or without write permission; a name too long for the temporary sibling. Nothing is
+    created, so it can run before any work.
+    """
+    path = _abspath(out)
+    if path.parent == path:
+        raise CheckpointError(f"cannot write a model as the filesystem root {path} (fix: give a folder path, "
+                              f"e.g. {path / 'merged'})")
+    if len(os.fsencode(path.name)) > _NAME_MAX - _TMP_NAME_EXTRA:
+        raise CheckpointError(f"output folder name {path.name[:40]!r}... in {path.parent} is too long "
+                              f"({len(os.fsencode(path.name))} bytes; with the suffix of its temporary sibling "
+                              f"it must fit in {_NAME_MAX}, so at most {_NAME_MAX - _TMP_NAME_EXTRA}) "
+                              f"(fix: choose a shorter name)")
+    try:
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"output path {path} is a broken symbolic link (to {os.readlink(path)}) "
+                                  f"(fix: remove the link or choose another output path)")
+        if path.exists():
+            if not overwrite:
+                raise CheckpointError(f"output folder {path} already exists (fix: choose another output path, "
+                                      f"remove it, or pass --overwrite to replace it; the old folder is kept "
+                                      f"until the new one is complete)")
+            if not path.is_dir():
+                raise CheckpointError(f"output path {path} is a file, not a model folder; --overwrite replaces "
+                                      f"model folders only (fix: remove the file or choose another output path)")
+            if not _looks_like_model_folder(path):
+                raise CheckpointError(f"output folder {path} exists and holds no model (no config.json, no "
+                                      f"*.safetensors); --overwrite replaces model folders only, so nothing was "
+                                      f"touched (fix: choose another output path, or empty the folder)")
+        anc = path.parent
+        while not (anc.exists() or anc.is_symlink()) and anc.parent != anc:
+            anc = anc.parent
+        if not anc.is_dir():
+            kind = "a broken symbolic link" if anc.is_symlink() else "a file"
+            raise CheckpointError(f"cannot create output folder {path}: {anc} is {kind}, not a folder "
+                                  f"(fix: choose an output path under a folder, or move {anc} away)")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            try:
+                readonly = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+            except OSError:
+                readonly = False
+            if readonly:
+                raise CheckpointError(f"cannot create output folder {path}: {anc} is on a read-only filesystem "
+                                      f"(fix: choose an output folder on a writable filesystem)")
+            raise CheckpointError(f"cannot create output folder {path}: no permission to write in {anc} "
+                                  f"(fix: choose a folder you can write to, or fix its permissions)")
+    except OSError as e:
+        raise CheckpointError(describe_os_error(e, f"cannot check output folder {path}:")) from e
+    return path
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether folder ``path`` holds a tokenizer (one of :data:`TOKENIZER_CORE`)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_CORE)
+
+
+DEVICE_HINT = "use cpu, cuda, cuda:N (N a GPU index) or mps (Apple GPUs)"
+
+
+def check_device(name: str | torch.device, what: str = "--device") -> str:
+    """``name`` as a device string torch accepts, when this machine has that device; otherwise a
+    :class:`ConfigError` naming ``what`` (the option) and the devices there are."""
+    text = str(name).strip().lower()
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if m is None:
+        raise ConfigError(Problem(what, f"unknown device {str(name)!r}", DEVICE_HINT))
+    kind, index = m.group(1), m.group(2)
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise ConfigError(Problem(what, f"device {text!r}: there is one CPU device", "use cpu"))
+        return "cpu"
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(Problem(what, f"device {text!r}: no Apple GPU (MPS) is available here",
+                                      "use cpu" + (" or cuda" if torch.cuda.is_available() else "")))
+        return text
+    if not torch.cuda.is_available():
+        raise ConfigError(Problem(what, f"device {text!r}: no CUDA GPU is available here (torch "
+                                  f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})",
+                                  "use cpu, or run on a machine with an NVIDIA GPU and a CUDA build of torch"))
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise ConfigError(Problem(what, f"device {text!r}: this machine has {count} CUDA GPU(s)",
+                                  f"use cuda:0 to cuda:{count - 1}, or cpu"))
+    return text
+
+
+# ----------------------------------------------------------------------------- temporary folders
+
+OWNER_FILE = ".evomerge-writer.json"
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc; None where unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def _owner_record() -> dict[str, Any]:
+    stat = _proc_stat(os.getpid())
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
+            "start": stat[1] if stat else None}
+
+
+def _owner_alive(rec: Mapping[str, Any]) -> bool | None:
+    """Whether the process that wrote owner record ``rec`` still runs; None when this host cannot tell
+    (another host sharing the filesystem, a malformed record)."""
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or rec.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if rec.get("boot_id") and boot and rec["boot_id"] != boot:
+        return False  # written before the last reboot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    except OSError:
+        return None
+    stat = _proc_stat(pid)
+    if stat is not None:
+        if stat[0] in ("Z", "X"):
+            return False  # exited, not yet reaped: it writes nothing more
+        if rec.get("start") and stat[1] != rec["start"]:
+            return False  # the pid was reused by another process
+    return True
+
+
+_TMP_PID_RE = re.compile(r"^(\d+)-[^-]+$")
+
+
+def remove_stale_temps(out: str | os.PathLike, *, quiet: bool = False) -> list[Path]:
+    """Remove the temporary folders that writers of ``out`` left behind when they were killed.
+
+    A temporary folder ``<out>.tmp-<pid>-<random>`` holds an owner record (pid, host, boot id, start
+    time of the process). It is stale when that process is gone (or the machine rebooted since), and
+    only then removed; a live writer's folder, one made on another host, and one without a record
+    whose pid still runs are left alone. Returns the folders removed."""
+    out = _abspath(out)
+    prefix = out.name + _TMP_TAG
+    removed: list[Path] = []
+    try:
+        entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for p in entries:
+        try:
+            if p.is_symlink() or not p.is_dir():
+                continue
+            rec_path = p / OWNER_FILE
+            if rec_path.is_file():
+                rec = json.loads(rec_path.read_text(encoding="utf-8"))
+                alive = _owner_alive(rec) if isinstance(rec, dict) else None
+            else:
+                # killed between creating the folder and writing its record (microseconds): the pid
+                # is in the name; a folder of an older evomerge has none and is left alone
+                m = _TMP_PID_RE.match(p.name[len(prefix):])
+                if m is None:
+                    if not quiet:
+                        print(f"note: left {p} alone: it has no owner record (an older evomerge made it); "
+                              f"remove it by hand if no merge into {out} is running", file=sys.stderr)
+                    continue
+                alive = _owner_alive({"pid": int(m.group(1)), "host": socket.gethostname()})
+        except (OSError, ValueError):
+            continue
+        if alive is False:
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+                if not quiet:
+                    print(f"note: removed {p}, left by a writer that is no longer running", file=sys.stderr)
+    return removed
 
 
 # ----------------------------------------------------------------------------- reading
@@ -211,17 +484,15 @@ class Checkpoint:
         # tied when the head is absent and an embedding is present (the class default varies).
         self.tie_word_embeddings: bool = self.embedding_name is not None and (
             bool(tied) or (TIED_HEAD not in entries and tied is None))
-        self.vocab_size: int = int(config.get("vocab_size") or text.get("vocab_size") or (
-            self._entries[self.embedding_name].shape[0] if self.embedding_name else 0))
-        layers = None
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            layers = config.get(key, text.get(key))
-            if layers is not None:
-                break
+        vocab = _config_int(config, ("vocab_size",), ref)
+        self.vocab_size: int = vocab[1] if vocab else (
+            self._entries[self.embedding_name].shape[0] if self.embedding_name else 0)
+        layers = _config_int(config, LAYER_KEYS, ref)
         if layers is None:
             idx = [p[1] for p in map(split_layer_name, self.names) if p is not None]
-            layers = max(idx) + 1 if idx else 0
-        self.num_layers: int = int(layers)
+            self.num_layers: int = max(idx) + 1 if idx else 0
+        else:
+            self.num_layers = layers[1]
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {self.model_type}, {self.num_layers} layers, {len(self.names)} tensors)"
@@ -231,21 +502,37 @@ class Checkpoint:
     @classmethod
     def open(cls, ref: str | os.PathLike) -> Checkpoint:
         """Open a local HF model directory, or a hub id (``org/name[@revision]``) via huggingface_hub."""
-        path = _resolve(ref)
         model = str(ref)
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{model}: config.json is missing from {path}; a model directory needs "
-                                  f"the config that transformers' save_pretrained writes (copy it from "
-                                  f"the model the weights came from)")
         try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{model}: config.json in {path} is not valid JSON ({e}); "
-                                  f"restore it from the source model") from e
-        return cls(model, path, config, cls._load_entries(path, model))
+            path = _resolve(ref)
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                extra = (f"; it holds only pickled weights ({', '.join(pickled[:4])}), which evomerge does not "
+                         f"read: {CONVERT_HINT}") if pickled else ""
+                raise CheckpointError(f"{model}: config.json is missing from {path}; a model directory needs "
+                                      f"the config that transformers' save_pretrained writes (copy it from "
+                                      f"the model the weights came from){extra}")
+            try:
+                config = json.loads(cfg_path.read_text(encoding="utf-8"))
+                if not isinstance(config, dict):
+                    raise ValueError("not a JSON object")
+            except (UnicodeDecodeError, ValueError) as e:
+                raise CheckpointError(f"{model}: config.json in {path} is not valid JSON ({e}); "
+                                      f"restore it from the source model") from e
+            return cls(model, path, config, cls._load_entries(path, model))
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, f"{model}: cannot read")) from e
+
+    def verify(self) -> None:
+        """Raise :class:`CheckpointError` unless the tensors are what the config implies: see
+        :func:`completeness_problems` (layer count, whole layers, embedding, final norm, output
+        head, shapes against the config)."""
+        problems = completeness_problems(self.config, {n: e.shape for n, e in self._entries.items()})
+        if problems:
+            raise CheckpointError(_problem_text(f"{self.ref}: the tensors do not match config.json", problems,
+                                                "re-download or re-export the model; its files are damaged "
+                                                "or come from different models"))
 
     @staticmethod
     def _load_entries(path: Path, model: str) -> dict[str, _Entry]:
@@ -418,6 +705,229 @@ class Checkpoint:
             pass
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+# model types whose attention and MLP tensors are named and shaped like Llama's
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "mixtral",
+               "qwen2_moe", "qwen3_moe"}
+# tensors every decoder layer of these model types holds (transformers' own names)
+_LAYER_REQUIRED = {
+    t: ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+        "post_attention_layernorm.weight")
+    for t in ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2")
+}
+# layer stacks that are not the text decoder the config's layer count describes
+_SIDE_STACK = re.compile(r"vision|visual|audio|image|speech|mtp|encoder|projector|vit\b", re.IGNORECASE)
+_HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+
+
+def _config_int(config: Mapping[str, Any], keys: tuple[str, ...], model: str) -> tuple[str, int] | None:
+    """(key, value) of the first of ``keys`` the config (or its ``text_config``) sets; CheckpointError
+    when it is not a whole number."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for key in keys:
+        value = config.get(key, text.get(key))
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value < 0):
+            raise CheckpointError(f"{model}: config.json sets {key} to {value!r}; expected a whole number "
+                                  f">= 0 (fix: restore config.json from the source model)")
+        return key, int(value)
+    return None
+
+
+def _heterogeneous_layers(config: Mapping[str, Any]) -> bool:
+    """Whether the config declares layers of different kinds (dense and MoE, attention and SSM,
+    per-layer sizes), whose tensor sets legitimately differ."""
+    cfgs = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    for c in cfgs:
+        for key in ("first_k_dense_replace", "num_nextn_predict_layers", "moe_layer_start_index"):
+            if isinstance(c.get(key), int) and c[key] > 0:
+                return True
+        for key in ("interleave_moe_layer_step", "moe_layer_freq", "decoder_sparse_step", "attn_layer_period",
+                    "expert_layer_period", "moe_layer_interval"):
+            if isinstance(c.get(key), int) and c[key] > 1:
+                return True
+        for key in ("mlp_only_layers", "hybrid_override_pattern", "layers_block_type", "block_configs",
+                    "attn_layer_indices", "cross_attention_layers", "moe_layers"):
+            if c.get(key):
+                return True
+        if isinstance(c.get("layer_types"), list) and len(set(map(str, c["layer_types"]))) > 1:
+            return True
+        if any(isinstance(c.get(k), list) for k in ("intermediate_size", "num_attention_heads",
+                                                     "num_key_value_heads", "head_dim")):
+            return True
+    return False
+
+
+def _ranges(idx: list[int]) -> str:
+    out, i = [], 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
+        i = j + 1
+    return ", ".join(out[:8]) + (", ..." if len(out) > 8 else "")
+
+
+def completeness_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What is wrong between a model's config and its tensors (names and shapes); empty when nothing.
+
+    * the text decoder's layers (``<prefix>.layers.N.*``) number what ``num_hidden_layers`` says
+      (MTP layers of ``num_nextn_predict_layers`` allowed on top), with no layer missing between;
+    * every layer holds the tensors of layer 0 with the same shapes (unless the config declares
+      layers of different kinds, e.g. dense and MoE);
+    * a token embedding exists; a final norm exists when the layers have norms; an output head
+      (``lm_head.weight``) exists unless ``tie_word_embeddings`` ties it to the embedding;
+    * the embedding and head have ``vocab_size`` rows; for Llama-like models the embedding, head,
+      attention and MLP shapes follow ``hidden_size``, heads, ``head_dim`` and ``intermediate_size``.
+    """
+    problems: list[str] = []
+    if not shapes:
+        return ["the checkpoint holds no tensors"]
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+
+    def get(key: str) -> Any:
+        return config.get(key, text.get(key))
+
+    def num(keys: tuple[str, ...]) -> tuple[str, int] | None:
+        try:
+            return _config_int(config, keys, "")
+        except CheckpointError:
+            problems.append(f"config.json: {keys[0]} is {get(keys[0])!r}, expected a whole number")
+            return None
+
+    stacks: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {}
+    other: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        parts = split_layer_name(name)
+        if parts is None:
+            other[name] = tuple(shape)
+        else:
+            stacks.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = tuple(shape)
+    hetero = _heterogeneous_layers(config)
+    for prefix, layers in sorted(stacks.items()):
+        idx = sorted(layers)
+        n_missing = idx[-1] + 1 - len(idx)
+        if n_missing:
+            present, gaps = set(idx), []
+            for i in range(idx[-1]):
+                if i not in present:
+                    gaps.append(i)
+                    if len(gaps) >= 64:
+                        break
+            problems.append(f"layer(s) {_ranges(gaps)}{', ...' if n_missing > len(gaps) else ''} of {prefix} have "
+                            f"no tensors at all ({n_missing} of {idx[-1] + 1} layers), though layer {idx[-1]} "
+                            f"does (whole layers are missing)")
+        if hetero or len(idx) < 2:
+            continue
+        # each layer against the majority of layers: a tensor most layers have is missing where absent,
+        # a shape most layers share is wrong where different
+        count: Counter[str] = Counter(suffix for i in idx for suffix in layers[i])
+        for suffix in sorted(count):
+            have = [i for i in idx if suffix in layers[i]]
+            if 2 * len(have) >= len(idx):
+                lack = [i for i in idx if suffix not in layers[i]]
+                if lack:
+                    problems.append(f"tensor '{prefix}.{lack[0]}.{suffix}' is missing"
+                                    + (f" (and in layer(s) {_ranges(lack[1:])})" if len(lack) > 1 else "")
+                                    + f", though {len(have)} other layer(s) have it, e.g. '{prefix}.{have[0]}.{suffix}'")
+            else:
+                problems.append(f"layer(s) {_ranges(have)} of {prefix} hold '{suffix}', which the other "
+                                f"{len(idx) - len(have)} layer(s) lack")
+            shapes_of = Counter(layers[i][suffix] for i in have)
+            if len(shapes_of) > 1:
+                common, n_common = shapes_of.most_common(1)[0]
+                odd = [i for i in have if layers[i][suffix] != common]
+                for i in odd[:4]:
+                    problems.append(f"tensor '{prefix}.{i}.{suffix}' has shape {list(layers[i][suffix])}, but "
+                                    f"{n_common} other layer(s) have {list(common)}")
+    # the text decoder's layer count against the config
+    main = [p for p in stacks if not _SIDE_STACK.search(p)]
+    main_prefix = max(main, key=lambda p: sum(len(v) for v in stacks[p].values())) if main else None
+    count = num(LAYER_KEYS)
+    if main_prefix is not None and count is not None:
+        key, n_cfg = count
+        n_t = max(stacks[main_prefix]) + 1
+        nextn = get("num_nextn_predict_layers")
+        extra_ok = nextn if isinstance(nextn, int) and nextn > 0 else 0
+        if not n_cfg <= n_t <= n_cfg + extra_ok:
+            problems.append(f"config.json says {key} = {n_cfg}, but the tensors hold {n_t} layer(s) "
+                            f"({main_prefix}.0 to {main_prefix}.{n_t - 1})")
+    # embedding, final norm, head
+    embed = next((min((n for n in other if n == s or n.endswith("." + s)), key=len)
+                  for s in EMBED_SUFFIXES if any(n == s or n.endswith("." + s) for n in other)), None)
+    if embed is None and not any("embed" in n or "wte" in n for n in other):
+        problems.append("no token embedding tensor (e.g. 'model.embed_tokens.weight')")
+    layer0 = stacks[main_prefix][min(stacks[main_prefix])] if main_prefix is not None else {}
+    if any("norm" in s or s.startswith("ln") for s in layer0) and not any(
+            "norm" in n or "ln_f" in n for n in other):
+        problems.append("no final norm tensor (e.g. 'model.norm.weight'), though the layers have norms")
+    tied = get("tie_word_embeddings")
+    heads = [n for n in other if _HEAD_RE.search(n)]
+    if tied is False and not heads:
+        problems.append(f"no output head tensor '{TIED_HEAD}', and config.json says tie_word_embeddings = false "
+                        f"(a tied model would read the embedding)")
+    vocab = num(("vocab_size",))
+    hidden = num(HIDDEN_KEYS)
+    llama_like = str(config.get("model_type", "")) in _LLAMA_LIKE and not hetero
+    for name in [x for x in (embed, TIED_HEAD if TIED_HEAD in other else None) if x]:
+        shape = other[name]
+        if vocab and len(shape) == 2 and shape[0] != vocab[1]:
+            problems.append(f"tensor '{name}' has {shape[0]} rows (shape {list(shape)}), but config.json says "
+                            f"vocab_size = {vocab[1]}")
+        if llama_like and hidden and len(shape) == 2 and shape[1] != hidden[1]:
+            problems.append(f"tensor '{name}' has shape {list(shape)}, but config.json says "
+                            f"{hidden[0]} = {hidden[1]}")
+    required = _LAYER_REQUIRED.get(str(config.get("model_type", ""))) if not hetero else None
+    if required and main_prefix is not None:
+        layers = stacks[main_prefix]
+        for suffix in required:
+            lack = [i for i in sorted(layers) if suffix not in layers[i]]
+            if len(lack) == len(layers):  # in some layers only: reported above against the other layers
+                problems.append(f"tensor '{main_prefix}.{lack[0]}.{suffix}' is missing, and so is '{suffix}' in "
+                                f"every other layer; a {config.get('model_type')} layer needs it")
+    if llama_like and hidden and main_prefix is not None:
+        h = hidden[1]
+        heads_n = num(("num_attention_heads",))
+        kv = num(("num_key_value_heads",)) or heads_n
+        inter = num(("intermediate_size",))
+        hd = num(("head_dim",))
+        head_dim = hd[1] if hd else (h // heads_n[1] if heads_n and heads_n[1] else None)
+        want: dict[str, tuple[tuple[int, ...], str]] = {}
+        if heads_n and head_dim:
+            q, k = heads_n[1] * head_dim, kv[1] * head_dim  # type: ignore[index]
+            what = f"hidden_size = {h}, {heads_n[1]} heads, {kv[1]} kv heads, head_dim {head_dim}"  # type: ignore[index]
+            want.update({"self_attn.q_proj.weight": ((q, h), what), "self_attn.k_proj.weight": ((k, h), what),
+                         "self_attn.v_proj.weight": ((k, h), what), "self_attn.o_proj.weight": ((h, q), what)})
+        if inter:
+            what = f"hidden_size = {h}, intermediate_size = {inter[1]}"
+            want.update({"mlp.gate_proj.weight": ((inter[1], h), what), "mlp.up_proj.weight": ((inter[1], h), what),
+                         "mlp.down_proj.weight": ((h, inter[1]), what)})
+        bad = 0
+        for i, layer in sorted(stacks[main_prefix].items()):
+            for suffix, (shape, what) in want.items():
+                if suffix in layer and layer[suffix] != shape and bad < 6:
+                    bad += 1
+                    problems.append(f"tensor '{main_prefix}.{i}.{suffix}' has shape {list(layer[suffix])}, but "
+                                    f"config.json ({what}) implies {list(shape)}")
+    return problems
+
+
+def _problem_text(head: str, problems: list[str], fix: str, limit: int = 12) -> str:
+    shown = problems if len(problems) <= limit else problems[:limit - 1] + [
+        f"... and {len(problems) - limit + 1} more"]
+    return f"{head} ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in shown) + f"\n  (fix: {fix})"
+
+
+def check_complete(ckpt: Checkpoint) -> None:
+    """:meth:`Checkpoint.verify` as a function."""
+    ckpt.verify()
+
+
 def check_compatible(ckpts: Mapping[str, Checkpoint]) -> None:
     """Raise :class:`IncompatibleModelsError` unless all models share architecture, tensors and shapes.
 
@@ -478,12 +988,9 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | os.PathLike, specs: list[TensorSpec], *, shard_size: int | str,
                  overwrite: bool = False, metadata: dict[str, str] | None = None):
-        self.out = Path(out_dir).expanduser().absolute()
+        self.out = check_output_path(out_dir, overwrite=overwrite)
         self.overwrite = overwrite
-        if self.out.exists() and not overwrite:
-            raise CheckpointError(f"{self.out} already exists; choose another output path, remove it, or "
-                                  f"pass --overwrite (overwrite=True) to replace it once the new model is complete")
-        self.shard_size = parse_size(shard_size)
+        self.shard_size = parse_size(shard_size, "shard size (--shard-size)")
         meta = {"format": "pt", **(metadata or {})}
         bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -508,19 +1015,37 @@ class CheckpointWriter:
         groups = groups or [[]]
         n = len(groups)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.tmp-", dir=self.out.parent))
         self._place: dict[str, tuple[int, int]] = {}  # name -> (shard index, absolute file offset)
         self._handles: dict[int, Any] = {}
         self._written: set[str] = set()
         self._done = False
         self.total_size = sum(s.nbytes for s in self._specs.values())
         try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, f"cannot create the parent folder of output folder {self.out}:")) from e
+        remove_stale_temps(self.out)  # a killed writer's full-size shards would take the space we need
+        try:
+            # the pid in the name identifies the owner even before the owner record is written
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.out.name}{_TMP_TAG}{os.getpid()}-", dir=self.out.parent))
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, f"cannot create a temporary folder for {self.out} in")) from e
+        try:
+            try:
+                (self.tmp / OWNER_FILE).write_text(json.dumps(_owner_record()) + "\n", encoding="utf-8")
+            except OSError as e:
+                raise self._io_error(e, f"write {OWNER_FILE}") from e
             for i, group in enumerate(groups):
                 self._write_header(i, group, meta)
         except BaseException:
             self.abort()
             raise
+
+    def _io_error(self, err: OSError, what: str) -> CheckpointError:
+        """A CheckpointError for a failed file operation inside the temporary folder."""
+        return CheckpointError(describe_os_error(err, f"cannot {what} in {self.tmp} (the temporary folder of "
+                                                      f"output folder {self.out}, which was left as it was)",
+                                                 path=""))
 
     def _write_header(self, i: int, group: list[TensorSpec], meta: dict[str, str]) -> None:
         header: dict[str, Any] = {"__metadata__": meta}
@@ -534,19 +1059,25 @@ class CheckpointWriter:
         start = 8 + len(raw)
         for spec in group:
             self._place[spec.name] = (i, start + header[spec.name]["data_offsets"][0])
-        with open(self.tmp / self.files[i], "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            f.truncate(start + offset)  # full size now; tensors fill it in any order
-            if offset and hasattr(os, "posix_fallocate"):
-                try:  # reserve the blocks now: a full disk fails here, and the writes stay simple copies
-                    os.posix_fallocate(f.fileno(), start, offset)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise CheckpointError(f"{self.out}: no space left for {self.files[i]} "
-                                              f"({start + offset} bytes); free disk space or choose "
-                                              "another output folder") from e
-                    # filesystems without fallocate support: the sparse file works as well
+        try:
+            with open(self.tmp / self.files[i], "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                f.truncate(start + offset)  # full size now; tensors fill it in any order
+                if offset and hasattr(os, "posix_fallocate"):
+                    try:  # reserve the blocks now: a full disk fails here, and the writes stay simple copies
+                        os.posix_fallocate(f.fileno(), start, offset)
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                            raise
+                        # filesystems without fallocate support: the sparse file works as well
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+                raise CheckpointError(f"no space left on the disk of output folder {self.out} for shard "
+                                      f"{self.files[i]} ({start + offset} bytes; {self.total_size} bytes of "
+                                      f"tensors in all) (fix: free disk space, or choose an output folder on "
+                                      f"another disk; nothing was written to {self.out})") from e
+            raise self._io_error(e, f"write shard {self.files[i]} ({start + offset} bytes)") from e
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -573,11 +1104,14 @@ class CheckpointWriter:
         if t.device.type != "cpu":
             t = t.cpu()
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        f = self._handles.get(shard)
-        if f is None:
-            f = self._handles[shard] = open(self.tmp / self.files[shard], "r+b")
-        f.seek(offset)
-        f.write(memoryview(data))
+        try:
+            f = self._handles.get(shard)
+            if f is None:
+                f = self._handles[shard] = open(self.tmp / self.files[shard], "r+b")
+            f.seek(offset)
+            f.write(memoryview(data))
+        except OSError as e:
+            raise self._io_error(e, f"write tensor {name!r} to {self.files[shard]}") from e
         self._written.add(name)
 
     def finish(self, *, config: dict, tokenizer_from: str | os.PathLike | None = None,
@@ -588,11 +1122,14 @@ class CheckpointWriter:
             if missing:
                 raise CheckpointError(f"{self.out}: {len(missing)} tensor(s) were never written, e.g. "
                                       f"{missing[:5]}; write every declared tensor before finish()")
-            self._close_handles()
+            try:
+                self._close_handles()
+            except OSError as e:  # a buffered write that only fails when flushed
+                raise self._io_error(e, "write the shards") from e
             if len(self.files) > 1:
                 index = {"metadata": {"total_size": self.total_size},
                          "weight_map": {n: self.files[self._place[n][0]] for n in sorted(self._specs)}}
-                (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+                self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n")
             if tokenizer_from is not None:
                 src = Path(tokenizer_from)
                 if not src.is_dir():
@@ -600,16 +1137,25 @@ class CheckpointWriter:
                                           f"the model directory whose tokenizer files should be copied")
                 for fname in TOKENIZER_FILES:
                     if (src / fname).is_file():
-                        shutil.copyfile(src / fname, self.tmp / fname)
+                        try:
+                            shutil.copyfile(src / fname, self.tmp / fname)
+                        except OSError as e:
+                            raise self._io_error(e, f"copy tokenizer file {fname} (from {src})") from e
             for fname, text in (extra_files or {}).items():
                 target = (self.tmp / fname).resolve()
                 if fname in ("", ".") or self.tmp.resolve() not in target.parents:
                     raise CheckpointError(f"{self.out}: extra file name {fname!r} must be a relative "
                                           f"path inside the output directory")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text, encoding="utf-8")
-            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                                                  encoding="utf-8")
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise self._io_error(e, f"create the folder of {fname}") from e
+                self._write_text(str(target.relative_to(self.tmp.resolve())), text)
+            self._write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+            try:
+                (self.tmp / OWNER_FILE).unlink(missing_ok=True)  # the finished model carries no owner record
+            except OSError as e:
+                raise self._io_error(e, f"remove {OWNER_FILE}") from e
             self._commit()
         except BaseException:
             self.abort()
@@ -617,19 +1163,34 @@ class CheckpointWriter:
         self._done = True
         return self.out
 
-    def _commit(self) -> None:
-        if not self.out.exists():
-            os.rename(self.tmp, self.out)
-            return
-        if not self.overwrite:  # appeared while we were writing
-            raise CheckpointError(f"{self.out} appeared while writing; pass overwrite=True to replace it")
-        aside = self.out.with_name(f"{self.out.name}.old-{zlib.crc32(str(self.tmp).encode()):08x}")
-        os.rename(self.out, aside)
+    def _write_text(self, fname: str, text: str) -> None:
         try:
-            os.rename(self.tmp, self.out)
-        except BaseException:
-            os.rename(aside, self.out)
-            raise
+            (self.tmp / fname).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise self._io_error(e, f"write {fname}") from e
+
+    def _commit(self) -> None:
+        try:
+            if not (self.out.exists() or self.out.is_symlink()):
+                try:
+                    os.rename(self.tmp, self.out)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not self.overwrite:
+                        raise
+            if not self.overwrite:  # appeared while we were writing
+                raise CheckpointError(f"output folder {self.out} appeared while the merge was writing (fix: "
+                                      f"choose another output path, or pass --overwrite to replace it)")
+            aside = self.out.with_name(f"{self.out.name}.old-{zlib.crc32(str(self.tmp).encode()):08x}")
+            os.rename(self.out, aside)
+            try:
+                os.rename(self.tmp, self.out)
+            except BaseException:
+                os.rename(aside, self.out)
+                raise
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, f"cannot move the finished model into place at {self.out}:")
+                                  + f"; {self.out} was left as it was") from e
         if aside.is_dir() and not aside.is_symlink():
             shutil.rmtree(aside, ignore_errors=True)
         else:

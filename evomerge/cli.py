@@ -7,33 +7,69 @@ Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 import time
-from pathlib import Path
 
 from evomerge.errors import EvomergeError
 
 
 def _device(name: str) -> str:
-    import torch
+    """``--device`` checked against this machine (cpu, cuda, cuda:N, mps); ConfigError otherwise."""
+    from evomerge.checkpoint import check_device
 
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
-    return name
+    return check_device(name, "--device")
+
+
+# ------------------------------------------------------------------------- argument types
+# Each raises argparse.ArgumentTypeError: argparse then prints "argument --flag: <message>" with the
+# usage line and exits with status 2, before any work.
+
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps)(:\d+)?", re.IGNORECASE)
+
+
+def device_arg(text: str) -> str:
+    """A device name's syntax (cpu, cuda, cuda:N, mps); availability is checked when the command runs."""
+    if not _DEVICE_RE.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N (N a GPU index) or mps")
+    return text.strip().lower()
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def size_arg(text: str) -> str:
+    """A size like 5GB, 500MB or 2GiB (checked here, parsed again where used)."""
+    from evomerge.checkpoint import SIZE_HINT, parse_size
+    from evomerge.errors import ConfigError
+
+    try:
+        parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"{err.problems[0].message}; {SIZE_HINT}") from None
+    return text
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.checkpoint import check_output_path
     from evomerge.materialize import merge_to_disk
     from evomerge.recipe import load_recipe
 
+    device = _device(args.device)
+    out = check_output_path(args.out, overwrite=args.overwrite)  # before any work, with CLI wording
     recipe = load_recipe(args.recipe)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise EvomergeError(f"output folder {out} already exists; pass --overwrite to replace it "
-                            "(the old folder is kept until the new one is complete)")
     start = time.perf_counter()
-    path = merge_to_disk(recipe, out, device=_device(args.device), dtype=args.dtype,
+    path = merge_to_disk(recipe, out, device=device, dtype=args.dtype,
                          shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     global _FAST_EXIT
@@ -54,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="materialize a recipe (evomerge or mergekit YAML) as a checkpoint")
     p.add_argument("recipe", help="recipe YAML (evomerge format, or a mergekit config)")
     p.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: the recipe's, else the base model's)")
-    p.add_argument("--shard-size", default="5GB", help="largest shard file, e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--shard-size", type=size_arg, default="5GB",
+                   help="largest shard file, e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
@@ -88,9 +125,10 @@ def _register_eval(sub) -> None:
     p.add_argument("model", help="model folder (HF checkpoint with tokenizer)")
     p.add_argument("--suite", action="append", required=True, help="suite YAML (repeatable)")
     p.add_argument("--split", choices=["search", "held-out"], default="search")
-    p.add_argument("--limit", type=int, default=None, help="score a seeded subsample of this many items per task")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="score a seeded subsample of this many items per task")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_eval)
     z = sub.add_parser("zoo", help="the demo model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
@@ -112,8 +150,16 @@ _EXTRA_COMMANDS: list = _register_extra()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status: 0, 2 for bad input or a failed command (one
+    ``error: ...`` line, no traceback), 130 on Ctrl-C, an error's own ``exit_code`` (3: a search
+    stopped by a fault). Usage errors and ``--help`` return argparse's status instead of exiting."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: usage error (2, message already printed) or --help (0)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    command = " ".join(["evomerge", args.command] + [str(v) for k, v in sorted(vars(args).items())
+                                                      if k.endswith("_command") and isinstance(v, str)])
     try:
         return int(args.func(args) or 0)
     except EvomergeError as err:
@@ -122,6 +168,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # a file operation no specific check foresaw: say which file and how to fix it
+        if err.errno == errno.EPIPE:
+            return 2  # the reader of stdout went away; nothing useful to print
+        from evomerge.checkpoint import describe_os_error
+
+        what = f"`{command}` failed on" if err.filename is not None else f"`{command}` failed"
+        print(f"error: {describe_os_error(err, what)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: `{command}` ran out of memory (fix: free memory or use a machine with more; for eval, "
+              f"pass a smaller --batch-size)", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        # torch.OutOfMemoryError (a GPU's memory), or the CPU allocator's failure
+        if type(err).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(err):
+            raise
+        print(f"error: `{command}` ran out of memory ({' '.join(str(err).split())[:200]}) (fix: free memory, use "
+              f"a device with more, or for eval a smaller --batch-size)", file=sys.stderr)
+        return 2
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ inputs of one output tensor plus its result); ``materialize_state_dict`` fills a
 from __future__ import annotations
 
 import copy
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
-from evomerge.checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, layer_tensor_name, parse_size,
-                                 split_layer_name)
+from evomerge.checkpoint import (TOKENIZER_CORE, Checkpoint, CheckpointWriter, TensorSpec, _problem_text,
+                                 check_device, check_output_path, completeness_problems, has_tokenizer,
+                                 layer_tensor_name, parse_size, split_layer_name)
 from evomerge.dataflow import cumulative_scales, fold_factor
-from evomerge.errors import IncompatibleModelsError, MergeError
+from evomerge.errors import CheckpointError, ConfigError, IncompatibleModelsError, MergeError, Problem
 from evomerge.methods import get_method, native
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, Recipe, StackRecipe, layer_t, recipe_to_yaml,
                              resolve_param, stack_to_dataflow)
@@ -111,9 +113,28 @@ class OutputTensor:
         if finite is None:
             finite = bool(torch.isfinite(result.sum(dtype=torch.float32))) or bool(torch.isfinite(result).all())
         if not finite:
-            raise MergeError(f"method '{spec.name}' produced non-finite values for tensor "
-                             f"'{op.inputs[0].name}'; check the recipe's weights and densities")
+            raise MergeError(self._non_finite_message(spec.name, device, mapped))
         return result
+
+    def _non_finite_message(self, method: str, device: torch.device, mapped: bool) -> str:
+        """Why a merge gave NaN/inf: an input that already holds them (a damaged model), else the
+        recipe's numbers (weights overflowing the dtype)."""
+        op = self.op
+        refs = [*op.inputs, op.base] if op.base is not None else list(op.inputs)
+        bad = []
+        try:
+            for r, t in zip(refs, self.load(device, mapped)):
+                if not bool(torch.isfinite(t.float()).all()):
+                    bad.append(f"model {r.model}, tensor '{r.name}'")
+        except Exception:  # noqa: BLE001 - the diagnosis must not hide the error it explains
+            bad = []
+        if bad:
+            return (f"merging output tensor '{self.name}' with method '{method}': input(s) already hold non-finite "
+                    f"values, NaN or inf ({'; '.join(bad)}) (fix: re-download or replace the damaged model)")
+        models = ", ".join(dict.fromkeys(r.model for r in refs))
+        return (f"method '{method}' produced non-finite values (NaN or inf) for output tensor '{self.name}' (inputs from "
+                f"{models}) (fix: check the recipe's weights and densities, e.g. weights that overflow the "
+                f"output dtype; try --dtype float32)")
 
 
 @dataclass
@@ -124,13 +145,21 @@ class Plan:
     dtype: torch.dtype
     tokenizer_from: Path | None
     models: dict[str, Checkpoint] = field(default_factory=dict)
+    tokenizer_ref: str | None = None  # the model (recipe reference) whose tokenizer is copied
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(t.name, t.shape, self.dtype) for t in self.tensors]
 
 
 def open_models(refs: list[str]) -> dict[str, Checkpoint]:
-    return {ref: Checkpoint.open(ref) for ref in dict.fromkeys(refs)}
+    """Open each model (headers only) and check its tensors against its config
+    (:meth:`Checkpoint.verify`), so a damaged model is refused before anything is computed."""
+    models = {}
+    for ref in dict.fromkeys(refs):
+        ck = Checkpoint.open(ref)
+        ck.verify()
+        models[ref] = ck
+    return models
 
 
 def _torch_dtype(name: str | None, fallback: Checkpoint) -> torch.dtype:
@@ -248,7 +277,8 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
         src_cfg = [(sources[0].config, recipe.sources[0].layers[0] + i) for i in range(n_out)]
         config = _fix_layer_config(config, src_cfg)
     tok = models.get(recipe.tokenizer) if recipe.tokenizer else ref
-    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, ref), tok.path if tok else None, models)
+    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, ref), tok.path if tok else None, models,
+                tokenizer_ref=recipe.tokenizer or (recipe.base or recipe.sources[0].model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +341,10 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
         ck = models[step.model]
         got = {split_layer_name(n)[2]: ck.shape(n) for n in ck.names
                if split_layer_name(n) and split_layer_name(n)[1] == step.layer}
-        if got and got != ref_layer:
+        if not got:
+            problems.append(f"path[{k}]: {step.model} has no tensors for layer {step.layer} (its config says "
+                            f"{ck.num_layers} layers)")
+        elif got != ref_layer:
             diff = sorted(set(got.items()) ^ set(ref_layer.items()))[:3]
             problems.append(f"path[{k}]: layer {step.layer} of {step.model} differs from {recipe.embed}'s "
                             f"layers (e.g. {diff})")
@@ -323,7 +356,8 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
     config = _fix_layer_config(embed.config, layer_sources)
     config["tie_word_embeddings"] = tied_out
     tok = models.get(recipe.tokenizer) if recipe.tokenizer else embed
-    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, embed), tok.path, models)
+    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, embed), tok.path if tok else None, models,
+                tokenizer_ref=recipe.tokenizer or recipe.embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,12 +368,64 @@ def plan_recipe(recipe: Recipe, models: dict[str, Checkpoint] | None = None) -> 
     """Open the recipe's models (headers only), check them, and plan every output tensor."""
     from evomerge.recipe import model_refs
 
-    models = models if models is not None else open_models(model_refs(recipe))
+    tok_dir = None
+    if models is None:
+        refs = model_refs(recipe)
+        tok_dir = _tokenizer_only_dir(recipe, refs)
+        models = open_models([r for r in refs if tok_dir is None or r != recipe.tokenizer])
     if isinstance(recipe, MergeRecipe):
-        return _plan_merge(recipe, models)
-    if isinstance(recipe, StackRecipe):
-        recipe = stack_to_dataflow(recipe)
-    return _plan_dataflow(recipe, models)
+        plan = _plan_merge(recipe, models)
+    else:
+        if isinstance(recipe, StackRecipe):
+            recipe = stack_to_dataflow(recipe)
+        plan = _plan_dataflow(recipe, models)
+    if tok_dir is not None:
+        plan.tokenizer_from = tok_dir
+    return plan
+
+
+def _tokenizer_only_dir(recipe: Recipe, refs: list[str]) -> Path | None:
+    """The recipe's ``tokenizer`` as a local folder when it names a folder that holds a tokenizer but
+    no weights and no other role in the recipe (it is then not opened as a model)."""
+    tok = recipe.tokenizer
+    if not tok or refs.count(tok) != 1 or refs[-1] != tok:
+        return None
+    path = Path(tok).expanduser()
+    weights_elsewhere = tok in refs[:-1]
+    if weights_elsewhere or not path.is_dir() or not has_tokenizer(path):
+        return None
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return None  # a model: opened and checked like the others
+    return path
+
+
+def check_merged(plan: Plan) -> None:
+    """Raise :class:`MergeError` unless the planned output is complete: its config (layer count,
+    sizes, tying) matches its tensors (:func:`~evomerge.checkpoint.completeness_problems`)."""
+    problems = completeness_problems(plan.config, {t.name: t.shape for t in plan.tensors})
+    if problems:
+        raise MergeError(_problem_text("the merged model would not be complete: its config.json would disagree "
+                                       "with its tensors", problems,
+                                       "check the recipe's layer ranges and models; nothing was written"))
+
+
+def check_tokenizer_source(plan: Plan) -> None:
+    """Raise :class:`CheckpointError` unless the model whose tokenizer a merge copies has one: the
+    merged checkpoint could not be scored or used without it."""
+    if plan.tokenizer_from is not None and has_tokenizer(plan.tokenizer_from):
+        return
+    files = ", ".join(TOKENIZER_CORE)
+    where = f" in {plan.tokenizer_from}" if plan.tokenizer_from is not None else ""
+    if plan.recipe.tokenizer:
+        raise CheckpointError(
+            f"the recipe's tokenizer source {plan.recipe.tokenizer} has no tokenizer files ({files}){where}, so "
+            f"the merged model could not be evaluated or used (fix: set the recipe's `tokenizer:` key to a "
+            f"model folder that has a tokenizer, e.g. the base the sources were fine-tuned from)")
+    raise CheckpointError(
+        f"model {plan.tokenizer_ref}, whose tokenizer a merge copies (the recipe's base, else its first source "
+        f"or embed model), has no tokenizer files ({files}){where}, so the merged model could not be evaluated "
+        f"or used (fix: add `tokenizer: <model folder with a tokenizer>` to the recipe, or copy the tokenizer "
+        f"files into {plan.tokenizer_ref})")
 
 
 def iter_tensors(plan: Plan, device: str | torch.device = "cpu", progress: bool = False,
@@ -361,21 +447,47 @@ def iter_tensors(plan: Plan, device: str | torch.device = "cpu", progress: bool 
 
 def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", dtype: str | None = None,
                   shard_size: str | int = "5GB", overwrite: bool = False, progress: bool = True) -> Path:
-    """Materialize ``recipe`` as a Hugging Face checkpoint at ``out_dir`` (atomic: temp dir + rename)."""
+    """Materialize ``recipe`` as a Hugging Face checkpoint at ``out_dir`` (atomic: temp dir + rename).
+
+    Checked before any tensor is computed: the options (device, dtype, shard size), the output path
+    (:func:`~evomerge.checkpoint.check_output_path`), every model against its config
+    (:meth:`~evomerge.checkpoint.Checkpoint.verify`), the tokenizer source, and the planned output's
+    config against its tensors (:func:`check_merged`). A failure leaves ``out_dir`` as it was.
+    """
+    device = check_device(device)
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ConfigError(Problem("dtype (--dtype)", f"unknown dtype {dtype!r}", f"use one of {', '.join(TORCH_DTYPES)}"))
+    shard_bytes = parse_size(shard_size, "shard size (--shard-size)")
+    out = check_output_path(out_dir, overwrite=overwrite)
+    _check_out_is_no_input(recipe, out)
     plan = plan_recipe(recipe)
     if dtype:
         plan.dtype = TORCH_DTYPES[dtype]
+    check_tokenizer_source(plan)
+    check_merged(plan)
     config = dict(plan.config)
     config["dtype"] = DTYPE_NAMES[plan.dtype]
     config.pop("torch_dtype", None)
     text = recipe_to_yaml(recipe)
-    writer = CheckpointWriter(out_dir, plan.specs(), shard_size=parse_size(shard_size), overwrite=overwrite,
+    writer = CheckpointWriter(out_dir, plan.specs(), shard_size=shard_bytes, overwrite=overwrite,
                               metadata={"evomerge_recipe": text})
     with writer:
         for name, tensor in iter_tensors(plan, device, progress, mapped=True):
             writer.write(name, tensor)
         return writer.finish(config=config, tokenizer_from=plan.tokenizer_from,
                              extra_files={"recipe.yaml": text})
+
+
+def _check_out_is_no_input(recipe: Recipe, out: Path) -> None:
+    """Refuse an output folder that is (or holds) a model the recipe reads: --overwrite would replace it."""
+    from evomerge.recipe import model_refs
+
+    real = os.path.realpath(out)
+    for ref in model_refs(recipe):
+        path = Path(ref).expanduser()
+        if path.exists() and (os.path.realpath(path) == real or os.path.realpath(path).startswith(real + os.sep)):
+            raise CheckpointError(f"output folder {out} is (or holds) model {ref}, which the recipe reads; replacing "
+                                  f"it would destroy an input (fix: choose another output path)")
 
 
 def materialize_state_dict(recipe: Recipe, *, device: str = "cpu", dtype: str | None = None,

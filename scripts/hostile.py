@@ -493,17 +493,17 @@ def build_cases() -> None:  # noqa: PLR0915 - one table
     case("suite: not UTF-8", "inputs", ["eval", z("expert_arith"), "--suite", "s.yaml"],
          setup=lambda c: write(c.p("s.yaml"), b"name: x\ntasks: []\n# caf\xe9\n"), check=says("UTF-8"))
     case("suite: malformed JSONL line", "inputs", ["eval", z("expert_arith"), "--suite", "s.yaml"],
-         setup=lambda c: (write(c.p("d.jsonl"), '{"prompt": "1+1=", "target": "2"}\n{oops\n'),
+         setup=lambda c: (write(c.p("d.jsonl"), '{"prompt": "1+1=", "answer": "2"}\n{oops\n'),
                           write(c.p("s.yaml"), "name: x\ntasks:\n  - name: t\n    kind: generate\n"
                                 "    data: {search: d.jsonl, held-out: d.jsonl}\n")),
          check=says("d.jsonl:2"))
     case("suite: JSONL not UTF-8", "inputs", ["eval", z("expert_arith"), "--suite", "s.yaml"],
-         setup=lambda c: (write(c.p("d.jsonl"), b'{"prompt": "\xff", "target": "2"}\n'),
+         setup=lambda c: (write(c.p("d.jsonl"), b'{"prompt": "\xff", "answer": "2"}\n'),
                           write(c.p("s.yaml"), "name: x\ntasks:\n  - name: t\n    kind: generate\n"
                                 "    data: {search: d.jsonl, held-out: d.jsonl}\n")),
          check=says("d.jsonl"))
     case("suite: unknown task kind", "inputs", ["eval", z("expert_arith"), "--suite", "s.yaml"],
-         setup=lambda c: (write(c.p("d.jsonl"), '{"prompt": "1+1=", "target": "2"}\n'),
+         setup=lambda c: (write(c.p("d.jsonl"), '{"prompt": "1+1=", "answer": "2"}\n'),
                           write(c.p("s.yaml"), "name: x\ntasks:\n  - name: t\n    kind: chat\n"
                                 "    data: {search: d.jsonl, held-out: d.jsonl}\n")))
 

@@ -433,3 +433,189 @@ def test_map_of_a_shard_truncated_after_open(tmp_path, sharded):
     with pytest.raises(CheckpointError, match=rf"tensor '{name}' ends at byte \d+ of {victim.name}, "
                                               rf"which now holds \d+ bytes"):
         ck.map(name)
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def test_check_output_path_refuses_before_creating_anything(tmp_path):
+    from evomerge.checkpoint import check_output_path
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match=r"afile is a file, not a folder"):
+        check_output_path(tmp_path / "afile" / "deeper" / "out")
+    with pytest.raises(CheckpointError, match=r"already exists.*--overwrite"):
+        check_output_path(tmp_path / "afile")
+    with pytest.raises(CheckpointError, match=r"is a file, not a model folder"):
+        check_output_path(tmp_path / "afile", overwrite=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"holds no model"):
+        check_output_path(tmp_path / "notes", overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match=r"broken symbolic link"):
+        check_output_path(tmp_path / "link", overwrite=True)
+    with pytest.raises(CheckpointError, match=r"too long"):
+        check_output_path(tmp_path / ("n" * 240))
+    with pytest.raises(CheckpointError, match=r"filesystem root"):
+        check_output_path("/")
+    # fine: a new folder (parents created later), an empty or model folder with overwrite; ".." folded
+    assert check_output_path(tmp_path / "a" / "b" / ".." / "out") == tmp_path / "a" / "out"
+    (tmp_path / "empty").mkdir()
+    check_output_path(tmp_path / "empty", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "link", "notes"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_folders_removed_by_owner_record(tmp_path):
+    """Removed: owner gone, pid reused by another process (start time differs), pid in the name of a
+    folder without record. Kept: a live owner, another host's, one without record or pid (older
+    evomerge), a file or link of the same name, another output's."""
+    import socket
+
+    from evomerge.checkpoint import OWNER_FILE, _owner_record, remove_stale_temps
+
+    host, me = socket.gethostname(), _owner_record()
+
+    def tmp(name: str, record: dict | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+        if record is not None:
+            (d / OWNER_FILE).write_text(json.dumps(record))
+        return d
+
+    dead = tmp("out.tmp-1-dead", {"pid": _dead_pid(), "host": host})
+    reused = tmp("out.tmp-2-reused", {**me, "start": "1"})
+    noname = tmp(f"out.tmp-{_dead_pid()}-x1", None)
+    live = tmp("out.tmp-3-live", me)
+    other_host = tmp("out.tmp-4-remote", {"pid": _dead_pid(), "host": host + "-elsewhere"})
+    legacy = tmp("out.tmp-ab12cd34", None)
+    junk = tmp("out.tmp-5-junk", None)
+    (junk / OWNER_FILE).write_text("{not json")
+    other_out = tmp("outer.tmp-6-x", {"pid": _dead_pid(), "host": host})
+    (tmp_path / "out.tmp-7-file").write_text("x")
+    removed = remove_stale_temps(tmp_path / "out", quiet=True)
+    assert sorted(removed) == sorted([dead, reused, noname])
+    for d in (live, other_host, legacy, junk, other_out):
+        assert (d / "model.safetensors").is_file(), d
+    assert (tmp_path / "out.tmp-7-file").is_file()
+
+
+def test_writer_records_its_owner_and_the_output_carries_none(tmp_path):
+    from evomerge.checkpoint import OWNER_FILE
+
+    specs = [TensorSpec("w", (4,), torch.float32)]
+    with CheckpointWriter(tmp_path / "out", specs, shard_size=100) as w:
+        assert w.tmp.name.startswith(f"out.tmp-{os.getpid()}-")
+        rec = json.loads((w.tmp / OWNER_FILE).read_text())
+        assert rec["pid"] == os.getpid() and rec["host"]
+        w.write("w", torch.zeros(4))
+        out = w.finish(config={})
+    assert not (out / OWNER_FILE).exists() and _leftovers(tmp_path) == []
+
+
+def test_writer_errors_name_the_output_not_a_traceback(tmp_path):
+    specs = [TensorSpec("w", (4,), torch.float32)]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is a file"):
+        CheckpointWriter(tmp_path / "afile" / "out", specs, shard_size=100)
+    with pytest.raises(ConfigError, match=r"shard size \(--shard-size\): cannot read size 'lots'"):
+        CheckpointWriter(tmp_path / "out", specs, shard_size="lots")
+    with CheckpointWriter(tmp_path / "out", specs, shard_size=100) as w:
+        w.write("w", torch.zeros(4))
+        src = tmp_path / "tok"
+        src.mkdir()
+        (src / "tokenizer.json").mkdir()  # a folder where a file is copied from: is_file() is False
+        (src / "tokenizer.model").write_text("m")
+        (src / "vocab.json").symlink_to(tmp_path / "afile" / "nope")  # a dangling link is skipped too
+        out = w.finish(config={}, tokenizer_from=src)
+    assert (out / "tokenizer.model").read_text() == "m" and _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- completeness
+
+
+def _shapes(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
+    return {n: ck.shape(n) for n in ck.names}
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_verify_accepts_whole_models(tmp_path, arch, tied):
+    ck = Checkpoint.open(build_tiny_model(tmp_path / "m", arch=arch, num_layers=3, tie_word_embeddings=tied))
+    ck.verify()
+
+
+def test_completeness_problems_name_tensors_and_config_keys(tmp_path):
+    from evomerge.checkpoint import completeness_problems
+
+    ck = Checkpoint.open(build_tiny_model(tmp_path / "m", arch="llama", num_layers=4))
+    base, cfg = _shapes(ck), dict(ck.config)
+    assert completeness_problems(cfg, base) == []
+
+    def probs(config=None, drop=(), **change):
+        shapes = {n: s for n, s in base.items() if n not in drop}
+        shapes.update(change.get("shapes", {}))
+        return "\n".join(completeness_problems(config or cfg, shapes))
+
+    assert "layer(s) 1-2 of model.layers have no tensors at all (2 of 4 layers)" in probs(
+        drop=[n for n in base if ".layers.1." in n or ".layers.2." in n])
+    assert ("tensor 'model.layers.2.mlp.up_proj.weight' is missing, though 3 other layer(s) have it"
+            in probs(drop=["model.layers.2.mlp.up_proj.weight"]))
+    odd = probs(shapes={"model.layers.0.mlp.up_proj.weight": (127, 64)})  # layer 0 is the odd one
+    assert "tensor 'model.layers.0.mlp.up_proj.weight' has shape [127, 64], but 3 other layer(s) have [128, 64]" in odd
+    assert "config.json (hidden_size = 64, intermediate_size = 128) implies [128, 64]" in odd
+    assert "num_hidden_layers = 6, but the tensors hold 4 layer(s)" in probs({**cfg, "num_hidden_layers": 6})
+    assert "has 260 rows" not in probs() and "vocab_size = 300" in probs({**cfg, "vocab_size": 300})
+    assert "no output head tensor 'lm_head.weight'" in probs(drop=["lm_head.weight"])
+    assert probs({**cfg, "tie_word_embeddings": True}, drop=["lm_head.weight"]) == ""
+    assert "no final norm" in probs(drop=["model.norm.weight"])
+    assert "no token embedding" in probs(drop=["model.embed_tokens.weight"])
+    gone = [n for n in base if n.endswith("self_attn.k_proj.weight")]
+    assert "'k_proj" not in probs() and "self_attn.k_proj.weight' in every other layer" in probs(drop=gone)
+    assert completeness_problems(cfg, {}) == ["the checkpoint holds no tensors"]
+    assert "expected a whole number" in probs({**cfg, "num_hidden_layers": "4"})
+
+
+def test_completeness_allows_declared_layer_kinds_and_mtp_layers(tmp_path):
+    """Layers of different kinds (dense and MoE, per-layer types) may hold different tensors; MTP
+    layers may follow the decoder's (DeepSeek's num_nextn_predict_layers)."""
+    from evomerge.checkpoint import completeness_problems
+
+    ck = Checkpoint.open(build_tiny_model(tmp_path / "m", arch="llama", num_layers=4))
+    shapes = {n: s for n, s in _shapes(ck).items() if not n.startswith("model.layers.0.mlp.")}
+    shapes["model.layers.0.mlp.experts.0.up_proj.weight"] = (32, 64)
+    cfg = dict(ck.config)
+    assert completeness_problems(cfg, shapes)  # undeclared: layer 0 differs from the others
+    assert completeness_problems({**cfg, "first_k_dense_replace": 1}, shapes) == []
+    mtp = dict(_shapes(ck), **{"model.layers.4.eh_proj.weight": (64, 128)})
+    assert completeness_problems({**cfg, "num_nextn_predict_layers": 1, "first_k_dense_replace": 0,
+                                  "layer_types": ["full_attention", "sliding_attention"] * 2}, mtp) == []
+    assert "hold 5 layer(s)" in "\n".join(completeness_problems(cfg, mtp))
+
+
+def test_config_values_that_are_not_numbers(tmp_path):
+    d = build_tiny_model(tmp_path / "m", num_layers=2)
+    cfg = json.loads((d / "config.json").read_text())
+    for key, value in (("num_hidden_layers", "two"), ("vocab_size", [1, 2]), ("num_hidden_layers", -1)):
+        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(CheckpointError, match=rf"config.json sets {key} to {value!r}".replace("[", r"\[")
+                           .replace("]", r"\]")):
+            Checkpoint.open(d)
+
+
+def test_check_device():
+    from evomerge.checkpoint import check_device
+
+    assert check_device("cpu") == "cpu" and check_device(" CPU ") == "cpu"
+    for bad in ("tpu", "cuda:x", "cpu:1", "", "meta"):
+        with pytest.raises(ConfigError, match="--device"):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            check_device("cuda:0")

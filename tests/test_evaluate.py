@@ -179,3 +179,26 @@ def test_eval_command_errors(tmp_path, tiny, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert eval_command(str(tmp_path / "m"), [str(ROOT / "evals/zoo_arith.yaml")], limit=8) == 0
     assert "combined" in capsys.readouterr().out
+
+
+def test_eval_command_rejects_bad_numbers(tmp_path, capsys):
+    for kw, flag in (({"limit": 0}, "--limit"), ({"limit": -2}, "--limit"), ({"batch_size": 0}, "--batch-size")):
+        assert eval_command(str(tmp_path), [str(ROOT / "evals/zoo_arith.yaml")], **kw) == 2
+        assert flag in capsys.readouterr().err
+
+
+def test_load_model_refuses_tensors_transformers_would_fill_randomly(tmp_path):
+    """A bias missing from every layer passes the structural check (the layers agree) but not the
+    load: transformers reports it missing, and eval refuses instead of scoring random values."""
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.errors import CheckpointError
+    from evomerge.evaluate import load_model
+    from evomerge.tiny import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "q", arch="qwen2", num_layers=2)
+    load_model(d)
+    t = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if not k.endswith("q_proj.bias")}
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) missing from the files .*'model.layers.0.self_attn.q_proj.bias'"):
+        load_model(d)

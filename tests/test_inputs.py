@@ -96,3 +96,15 @@ def test_cli_exit_code_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "UTF-8" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_every_bad_line_at_once(tmp_path):
+    lines = ['{"prompt": "a", "answer": "b"}', "{oops", '{"prompt": "c"}', "[1, 2]", '{"prompt": "d", "answer": "e"}']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "s.yaml").write_text("name: x\ntasks:\n  - name: t\n    kind: generate\n"
+                                     "    data: {search: d.jsonl, held-out: d.jsonl}\n")
+    with pytest.raises(Exception) as err:
+        load_suite(tmp_path / "s.yaml")
+    text = str(err.value)
+    assert "3 bad line(s)" in text
+    assert all(f"d.jsonl:{n}" in text for n in (2, 3, 4)) and "d.jsonl:1" not in text and "d.jsonl:5" not in text

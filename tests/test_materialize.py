@@ -225,3 +225,71 @@ def test_missing_model_is_a_checkpoint_error(tmp_path):
     recipe = parse_recipe({"method": "linear", "sources": [{"model": str(tmp_path / "nope"), "params": {"weight": 1}}]})
     with pytest.raises(CheckpointError):
         merge_to_disk(recipe, tmp_path / "out", progress=False)
+
+
+def test_merged_config_must_match_merged_tensors(tmp_path, family):
+    """check_merged: the written config may not say more layers than the tensors hold."""
+    from evomerge.errors import MergeError
+    from evomerge.materialize import check_merged, plan_recipe
+
+    recipe = parse_recipe({"method": "linear", "sources": [{"model": family["expert1"], "params": {"weight": 1}}]})
+    plan = plan_recipe(recipe)
+    check_merged(plan)
+    plan.config = {**plan.config, "num_hidden_layers": plan.config["num_hidden_layers"] + 2}
+    with pytest.raises(MergeError, match=r"(?s)would not be complete.*num_hidden_layers = \d+, but the tensors hold"):
+        check_merged(plan)
+
+
+def test_non_finite_input_is_named(tmp_path, family):
+    """A source already holding NaN: the error names the model and the tensor, nothing is written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evomerge.errors import MergeError
+
+    bad = tmp_path / "nan"
+    shutil.copytree(family["expert1"], bad)
+    t = read_all(bad)
+    t["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    recipe = parse_recipe({"method": "linear", "sources": [{"model": str(bad), "params": {"weight": 0.5}},
+                                                           {"model": family["expert2"], "params": {"weight": 0.5}}]})
+    with pytest.raises(MergeError, match=rf"model {bad}, tensor 'model.layers.1.mlp.down_proj.weight'"):
+        merge_to_disk(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
+
+
+def test_merge_to_disk_checks_options_before_any_work(tmp_path, family):
+    from evomerge.errors import ConfigError
+
+    recipe = parse_recipe({"method": "linear", "sources": [{"model": family["expert1"], "params": {"weight": 1}}]})
+    for kw, word in (({"device": "tpu"}, "device"), ({"dtype": "float8"}, "dtype"), ({"shard_size": "lots"}, "shard")):
+        with pytest.raises(ConfigError, match=word):
+            merge_to_disk(recipe, tmp_path / "out", progress=False, **kw)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is a file"):
+        merge_to_disk(recipe, tmp_path / "afile" / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_layer_path_step_without_tensors(tmp_path, family):
+    """Models handed in unchecked (the search's own cache): a path step on a layer the model's files
+    lack is a clear error, not a model with fewer layers than its config says."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.materialize import plan_recipe
+
+    short = tmp_path / "short"
+    shutil.copytree(family["expert1"], short)
+    t = {k: v for k, v in read_all(short).items() if ".layers.3." not in k}
+    save_file(t, str(short / "model.safetensors"), metadata={"format": "pt"})
+    recipe = parse_recipe({"kind": "dataflow", "embed": str(short),
+                           "path": [{"model": str(short), "layer": i} for i in range(4)]})
+    with pytest.raises(IncompatibleModelsError, match=r"path\[3\]: .*short has no tensors for layer 3"):
+        plan_recipe(recipe, models={str(short): Checkpoint.open(short)})
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers = 4, but the tensors hold 3"):
+        plan_recipe(recipe)  # opened here: checked against its config first

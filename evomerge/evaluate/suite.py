@@ -293,18 +293,31 @@ def _check_extract(e: Any, where: str, problems: list[Problem]) -> Extract:
     return Extract(rule=rule, pattern=pattern, group=group)
 
 
+MAX_LINE_PROBLEMS = 20  # bad lines listed per data file (the count of the rest is given)
+
+
 def _read_items(path: Path, content: bytes, kind: str) -> tuple[Item, ...]:
-    items = []
+    """Every item of a JSONL data file; every bad line is reported at once (the first
+    ``MAX_LINE_PROBLEMS`` by line number, then how many more), as one :class:`EvalError`."""
     from evomerge.io_utils import decode_utf8
 
+    items, bad = [], []
     for lineno, line in enumerate(decode_utf8(content, str(path)).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-        items.append(_make_item(rec, kind, f"{path}:{lineno}"))
+            bad.append(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})")
+            continue
+        try:
+            items.append(_make_item(rec, kind, f"{path}:{lineno}"))
+        except EvalError as err:
+            bad.append(str(err))
+    if bad:
+        more = len(bad) - MAX_LINE_PROBLEMS
+        listed = "\n".join(f"  - {b}" for b in bad[:MAX_LINE_PROBLEMS])
+        raise EvalError(f"{len(bad)} bad line(s) in {path}:\n{listed}" + (f"\n  ... and {more} more" if more > 0 else ""))
     if not items:
         raise EvalError(f"{path}: no items (expected one JSON object per line)")
     return tuple(items)
