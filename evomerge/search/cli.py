@@ -9,20 +9,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from evomerge.errors import ConfigError, Problem
+from evomerge.errors import ConfigError, Problem, StudyError
 
 
 def _summary(result) -> None:
+    """Print the outcome; a :class:`StudyError` (exit 2) when every trial of a stage failed.
+
+    A search in which no candidate could be scored is not a success: almost always the input is at
+    fault (a model or an evaluator setting the up-front checks cannot see), so it exits like bad
+    input, with the first errors, after the study (every trial and its error) was kept and the
+    report written."""
     for stage, s in result.stages.items():
         best = "" if s["best_trial"] is None else f", best trial {s['best_trial']} ({s['best_utility']:.4g})"
-        print(f"[{stage}] {s['finished']}/{s['budget']} trials{best}", file=sys.stderr)
-    if not result.complete:
+        failed = f", {s['failed']} failed" if s.get("failed") else ""
+        print(f"[{stage}] {s['finished']}/{s['budget']} trials{failed}{best}", file=sys.stderr)
+    bad = result.failed_stages()
+    if not result.complete and not bad:
         print(f"stopped before the budget was spent; continue with `evomerge resume {result.study_dir}`",
               file=sys.stderr)
     print(f"results in {result.study_dir}", file=sys.stderr)
+    if bad:
+        lines = []
+        for stage in bad:
+            s = result.stages[stage]
+            lines.append(f"every trial of stage {stage} failed ({s['failed']} of {s['finished']}); first errors:")
+            lines += [f"  - {e}" for e in s.get("errors") or ["(no error recorded)"]]
+        raise StudyError("\n".join(lines) + f"\nthe study is kept in {result.study_dir} (trials.csv lists every "
+                         "error); fix the cause, then continue with `evomerge resume "
+                         f"{result.study_dir} --trials N`, or start a new search")
 
 
 def _duration(text: str | None) -> float | None:
@@ -31,12 +49,17 @@ def _duration(text: str | None) -> float | None:
     return parse_duration(text)
 
 
-def _ray_executor(space, study_dir, workers: int | None, ray: dict | None):
-    """A :class:`RayExecutor` when ``--workers`` > 1, ``--address`` or ``$RAY_ADDRESS`` ask for one."""
+def _wants_ray(workers: int | None, ray: dict | None) -> bool:
     import os
 
     ray = dict(ray or {})
-    if not (ray.get("address") or os.environ.get("RAY_ADDRESS") or (workers or 1) > 1):
+    return bool(ray.get("address") or os.environ.get("RAY_ADDRESS") or (workers or 1) > 1)
+
+
+def _ray_executor(space, study_dir, workers: int | None, ray: dict | None):
+    """A :class:`RayExecutor` when ``--workers`` > 1, ``--address`` or ``$RAY_ADDRESS`` ask for one."""
+    ray = dict(ray or {})
+    if not _wants_ray(workers, ray):
         return None
     from evomerge.workers.ray_executor import RayExecutor
 
@@ -44,22 +67,45 @@ def _ray_executor(space, study_dir, workers: int | None, ray: dict | None):
                                  log_dir=study_dir, **ray)
 
 
+def _check_flags(*, trials=None, workers=None, limit=None, timeout: str | None = None,
+                 ray: dict | None = None) -> float | None:
+    """Every problem of the numeric flags at once (a :class:`ConfigError` naming the flags, exit 2);
+    returns the timeout in seconds."""
+    from evomerge.search.driver import option_problems
+
+    problems: list[Problem] = []
+    seconds = None
+    if timeout is not None:
+        try:
+            seconds = _duration(timeout)
+        except ConfigError as err:
+            problems += [Problem("--timeout", p.message, p.hint) for p in err.problems]
+    problems += option_problems(trials=trials, workers=workers, limit=limit, timeout=seconds)
+    ray = ray or {}
+    for key, flag in (("gpus_per_worker", "--ray-gpus-per-worker"), ("cpus_per_worker", "--ray-cpus-per-worker")):
+        v = ray.get(key)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            problems.append(Problem(flag, f"expected a number >= 0, got {v!r}"))
+    if ray.get("max_retries") is not None and ray["max_retries"] < 0:
+        problems.append(Problem("--ray-max-retries", f"expected a whole number >= 0, got {ray['max_retries']!r}"))
+    if problems:
+        raise ConfigError(problems)
+    return seconds
+
+
 def search_command(space: str, study_dir: str | None = None, *, trials: int | None = None,
                    timeout: str | None = None, storage: str | None = None, workers: int = 1,
                    limit: int | None = None, quiet: bool = False, ray: dict | None = None) -> int:
     from evomerge.search.driver import start_search
-    from evomerge.search.space import load_space
 
-    loaded = load_space(space)
-    if study_dir is None:
-        study_dir = str(Path("results") / loaded.name)
-    executor = _ray_executor(loaded, study_dir, workers, ray)
-    try:
-        result = start_search(space, study_dir, storage=storage, trials=trials, timeout=_duration(timeout),
-                              workers=workers, limit=limit, progress=not quiet, executor=executor)
-    finally:
-        if executor is not None:
-            executor.shutdown()
+    seconds = _check_flags(trials=trials, workers=workers, limit=limit, timeout=timeout, ray=ray)
+
+    def make(space_, meta, folder):  # built once the study exists (its folder holds the workers' logs)
+        return _ray_executor(space_, str(folder), workers, ray)
+
+    result = start_search(space, study_dir, storage=storage, trials=trials, timeout=seconds,
+                          workers=workers, limit=limit, progress=not quiet,
+                          executor_factory=make if _wants_ray(workers, ray) else None)
     _summary(result)
     return 0
 
@@ -67,19 +113,24 @@ def search_command(space: str, study_dir: str | None = None, *, trials: int | No
 def resume_command(study_dir: str, *, trials: int | None = None, timeout: str | None = None,
                    storage: str | None = None, workers: int | None = None, quiet: bool = False,
                    ray: dict | None = None) -> int:
-    from evomerge.search.driver import open_study_space, resume_search
-    from evomerge.search.study import read_meta
+    from evomerge.search.driver import resume_search
 
-    n = workers if workers is not None else read_meta(Path(study_dir)).workers
-    executor = _ray_executor(open_study_space(Path(study_dir)), study_dir, n, ray)
-    try:
-        result = resume_search(study_dir, storage=storage, trials=trials, timeout=_duration(timeout),
-                               workers=workers, progress=not quiet, executor=executor)
-    finally:
-        if executor is not None:
-            executor.shutdown()
+    seconds = _check_flags(trials=trials, workers=workers, timeout=timeout, ray=ray)
+
+    def make(space_, meta, folder):
+        return _ray_executor(space_, str(folder), meta.workers, ray)
+
+    result = resume_search(study_dir, storage=storage, trials=trials, timeout=seconds, workers=workers,
+                           progress=not quiet, executor_factory=make if _wants_ray(
+                               workers if workers is not None else _recorded_workers(study_dir), ray) else None)
     _summary(result)
     return 0
+
+
+def _recorded_workers(study_dir: str) -> int:
+    from evomerge.search.study import read_meta
+
+    return read_meta(Path(study_dir)).workers
 
 
 def _add_ray_options(p) -> None:
@@ -118,6 +169,8 @@ def export_command(study_dir: str, out: str, *, trial: int | None = None, best: 
 
     if trial is not None and (best or objective):
         raise ConfigError(Problem("export", "give either --trial N or --best [--objective X], not both"))
+    if trial is not None and trial < 0:
+        raise ConfigError(Problem("--trial", f"expected a trial number >= 0, got {trial}"))
     path = export_recipe(study_dir, out, trial=trial, objective=objective, fmt=fmt, stage=stage)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -62,17 +62,24 @@ EvaluatorFactory = Callable[[dict[str, Any]], Evaluator]
 _FACTORIES: dict[str, EvaluatorFactory] = {}
 # modules imported (once) to let a kind register itself when it is first asked for
 _PROVIDERS = {"suite": "evomerge.search.suite_eval"}
+# keys of each kind's mapping that are file paths: made absolute when a study is created, so the
+# study works from any directory (a kind registered elsewhere declares its own: ``paths=``)
+_PATH_KEYS: dict[str, tuple[str, ...]] = {"suite": ("suite", "cache_dir"), "weights": ("target",)}
 
 
-def register_evaluator(kind: str) -> Callable[[EvaluatorFactory], EvaluatorFactory]:
+def register_evaluator(kind: str, *, paths: tuple[str, ...] | None = None
+                       ) -> Callable[[EvaluatorFactory], EvaluatorFactory]:
     """Decorator: ``factory(config: dict) -> Evaluator`` for ``evaluation: {kind: <kind>, ...}``.
 
     ``config`` is the mapping without ``kind``; the factory must raise :class:`ConfigError` for
-    unknown keys and missing files.
+    unknown keys and missing files. ``paths``: the keys whose values are file paths (relative ones
+    are made absolute in a study's space.yaml).
     """
 
     def deco(factory: EvaluatorFactory) -> EvaluatorFactory:
         _FACTORIES[kind] = factory
+        if paths is not None:
+            _PATH_KEYS[kind] = tuple(paths)
         return factory
 
     return deco
@@ -82,18 +89,45 @@ def evaluator_kind(config: dict[str, Any]) -> str:
     return str(config.get("kind") or ("suite" if "suite" in config else "weights"))
 
 
+def evaluator_path_keys(kind: str) -> tuple[str, ...]:
+    """Keys of an ``evaluation:`` mapping of ``kind`` that are file paths."""
+    return _PATH_KEYS.get(kind, ())
+
+
+def evaluator_kinds() -> list[str]:
+    """Every evaluator kind available (the providers imported first, so each has registered)."""
+    for kind, module in _PROVIDERS.items():
+        if kind not in _FACTORIES:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+    return sorted(_FACTORIES)
+
+
 def make_evaluator(config: dict[str, Any], *, source: str = "evaluation") -> Evaluator:
-    """Build the evaluator an ``evaluation:`` mapping asks for."""
+    """Build the evaluator an ``evaluation:`` mapping asks for; a :class:`ConfigError` whose
+    problems are located at ``source`` (e.g. ``space.yaml: evaluation``) when the mapping is bad."""
     kind = evaluator_kind(config)
     if kind not in _FACTORIES and kind in _PROVIDERS:
         try:
             importlib.import_module(_PROVIDERS[kind])
-        except ImportError:
-            pass
+        except ImportError as err:
+            raise ConfigError(Problem(f"{source}.kind", f"evaluator kind '{kind}' cannot be loaded: {err}",
+                                      "install what the message names")) from None
     if kind not in _FACTORIES:
-        raise ConfigError(Problem(f"{source}.kind", f"evaluator kind '{kind}' is not available",
-                                  f"use one of: {', '.join(sorted(_FACTORIES)) or 'none'}"))
-    return _FACTORIES[kind]({k: v for k, v in config.items() if k != "kind"})
+        raise ConfigError(Problem(f"{source}.kind", f"unknown evaluator kind '{kind}'",
+                                  f"use one of: {', '.join(evaluator_kinds()) or 'none'}"))
+    try:
+        return _FACTORIES[kind]({k: v for k, v in config.items() if k != "kind"})
+    except ConfigError as err:
+        # the factories locate problems as "evaluation.<key>": say which file too
+        prefix = source[: -len("evaluation")] if source.endswith("evaluation") else ""
+        if not prefix:
+            raise
+        fixed = [Problem(prefix + p.where if p.where.startswith("evaluation") else p.where, p.message, p.hint)
+                 for p in err.problems]
+        raise ConfigError(fixed, source=err.source) from None
 
 
 def worker_name() -> str:
@@ -197,16 +231,45 @@ class WeightDistanceEvaluator:
         return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
 
 
-@register_evaluator("weights")
+def check_device(value: Any, where: str, *, local: bool = False) -> list[Problem]:
+    """Problems of a ``device:`` option (a string such as cpu, cuda, cuda:1); with ``local`` a CUDA
+    device must be present in this process (workers on other machines may have one when it has not)."""
+    if not isinstance(value, str) or not value:
+        return [Problem(where, f"expected a device name (cpu, cuda, cuda:N), got {value!r}")]
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return [Problem(where, f"unknown device {value!r}", "use cpu, cuda or cuda:N")]
+    if local and dev.type == "cuda" and not torch.cuda.is_available():
+        return [Problem(where, f"device {value!r} was asked for but no CUDA device is available",
+                        "use device: cpu")]
+    return []
+
+
+@register_evaluator("weights", paths=("target",))
 def _weights_factory(config: dict[str, Any]) -> Evaluator:
+    from evomerge.errors import EvomergeError
+
     allowed = {"target", "groups", "device"}
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(allowed))}")
                 for k in config if k not in allowed]
     if not isinstance(config.get("target"), str):
         problems.append(Problem("evaluation.target", "required key 'target' (a checkpoint path) is missing"))
+    groups = config.get("groups")
+    if groups is not None and (not isinstance(groups, dict) or not groups or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in groups.items())):
+        problems.append(Problem("evaluation.groups", f"expected a mapping of group name to tensor-name filter, "
+                                f"got {groups!r}", "e.g. {attn: self_attn, mlp: mlp}"))
+    if "device" in config:
+        problems += check_device(config["device"], "evaluation.device")
     if problems:
         raise ConfigError(problems)
     from evomerge.search.space import resolve_ref
 
-    return WeightDistanceEvaluator(resolve_ref(config["target"]), config.get("groups"),
-                                   config.get("device", "cpu"))
+    try:
+        return WeightDistanceEvaluator(resolve_ref(config["target"]), config.get("groups"),
+                                       config.get("device", "cpu"))
+    except EvomergeError as err:
+        raise ConfigError(Problem("evaluation.target", f"cannot open the target model: {err}")) from None

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -31,17 +32,29 @@ from evomerge.io_utils import atomic_write_text
 from evomerge.recipe import dump_recipe, parse_recipe
 from evomerge.search.objectives import Objective, utility
 from evomerge.search.pareto import front_trials
-from evomerge.search.study import finished, heldout_records, load_study, open_storage, read_meta
+from evomerge.search.study import (SPACE_FILE, check_study_exists, finished, heldout_records, load_study,
+                                   open_storage, read_meta, study_names)
 
 
 def open_study(study_dir: Path):
-    """(meta, space, {stage: optuna study}) of a study folder."""
-    from evomerge.search.driver import open_study_space
+    """(meta, space, {stage: optuna study}) of a study folder, read only: ``space`` is the
+    :class:`~evomerge.search.space.SpaceSummary` of its space.yaml (name, kind, objectives,
+    evaluation; no model is opened, so a moved source model does not stop status, report or
+    export). A stage not started yet (no study in the storage) is left out; a storage without the
+    study at all is an error (a deleted or moved database), and nothing is created."""
+    from evomerge.search.driver import _study_bases
+    from evomerge.search.space import load_space_summary
 
+    study_dir = Path(study_dir)
     meta = read_meta(study_dir)
-    storage = open_storage(meta.storage)
-    space = open_study_space(study_dir)
-    studies = {s: load_study(storage, meta.study_name(s)) for s in meta.stages}
+    storage = open_storage(meta.storage, create=False)
+    check_study_exists(storage, meta, study_dir)
+    path = study_dir / SPACE_FILE
+    if not path.is_file():
+        raise StudyError(f"{study_dir} has no {SPACE_FILE}; it was not created by `evomerge search`")
+    space = load_space_summary(path, base_dirs=_study_bases(study_dir))
+    have = set(study_names(storage))
+    studies = {s: load_study(storage, meta.study_name(s)) for s in meta.stages if meta.study_name(s) in have}
     return meta, space, studies
 
 
@@ -195,12 +208,17 @@ def write_report(study_dir: str | Path) -> list[Path]:
     meta, space, studies = open_study(study_dir)
     objs = list(space.objectives)
     written = []
-    for i, (stage, study) in enumerate(studies.items()):
-        last = i == len(studies) - 1
-        if len(studies) > 1:
-            written += write_stage(study, objs, study_dir / stage, f"{meta.name}: {stage}")
-        if last:
-            written += write_stage(study, objs, study_dir, meta.name)
+    try:
+        for i, (stage, study) in enumerate(studies.items()):
+            last = i == len(studies) - 1
+            if len(studies) > 1:
+                written += write_stage(study, objs, study_dir / stage, f"{meta.name}: {stage}")
+            if last:
+                written += write_stage(study, objs, study_dir, meta.name)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise StudyError(f"cannot write the report in {study_dir}: {err.strerror or err}{where}; the study "
+                         "folder must be writable") from None
     return written
 
 
@@ -250,14 +268,46 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_output_file(out: str | Path, flag: str = "-o") -> Path:
+    """A :class:`StudyError` unless a file can be written at ``out`` (not a folder, its folder exists
+    or can be made, writable)."""
+    raw = os.fspath(out)
+    out = Path(out).expanduser()
+    if raw.endswith(("/", os.sep)) or out.is_dir():
+        raise StudyError(f"{flag} {raw} names a folder; give a file path, e.g. {out / 'recipe.yaml'}")
+    anc = out.parent
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise StudyError(f"cannot write {out}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise StudyError(f"cannot write {out}: no permission to write in {anc}")
+    return out
+
+
+def _write(out: Path, text: str) -> Path:
+    try:
+        return atomic_write_text(out, text)
+    except OSError as err:
+        raise StudyError(f"cannot write {out}: {err.strerror or err}") from None
+
+
 def export_recipe(study_dir: str | Path, out: str | Path, *, trial: int | None = None, objective: str | None = None,
                   fmt: str = "evomerge", stage: str | None = None) -> Path:
-    """Write the recipe of trial ``trial`` (default: the best, by ``objective`` if given) to ``out``."""
+    """Write the recipe of trial ``trial`` (default: the best, by ``objective`` if given) to ``out``
+    (checked first, written atomically)."""
+    from evomerge.recipe import recipe_to_yaml
+
+    if fmt not in ("evomerge", "mergekit"):
+        raise StudyError(f"unknown export format {fmt!r}; use evomerge or mergekit")
+    out = check_output_file(out)
     study_dir = Path(study_dir)
     meta, space, studies = open_study(study_dir)
     stage = stage or meta.stages[-1]
+    if stage not in meta.stages:
+        raise StudyError(f"unknown stage {stage!r}; this study has {', '.join(meta.stages)}")
     if stage not in studies:
-        raise StudyError(f"unknown stage {stage!r}; this study has {', '.join(studies)}")
+        raise StudyError(f"stage {stage} has not started yet; nothing to export")
     study = studies[stage]
     if trial is not None:
         match = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
@@ -272,7 +322,5 @@ def export_recipe(study_dir: str | Path, out: str | Path, *, trial: int | None =
     if fmt == "mergekit":
         from evomerge.mergekit_compat import to_mergekit
 
-        return atomic_write_text(Path(out), yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
-    if fmt != "evomerge":
-        raise StudyError(f"unknown export format {fmt!r}; use evomerge or mergekit")
-    return dump_recipe(recipe, out)
+        return _write(out, yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
+    return _write(out, recipe_to_yaml(recipe))

@@ -35,16 +35,20 @@ A search space file::
     budget: {trials: 64, timeout: 10m}
     baselines: true                  # first score each source alone and the untuned default
 
-Model references resolve like recipe references: relative paths against the current directory.
+Model references resolve like recipe references: relative paths against the current directory
+(``base_dirs`` of :func:`load_space` changes that), and so do the file paths of the ``evaluation:``
+mapping (``suite``, ``cache_dir``, ``target``: see :func:`evomerge.search.evaluation.evaluator_path_keys`).
+The normalized mapping (``SearchSpace.data``, what a study folder's ``space.yaml`` holds) has every
+one of them absolute, so a study works from any directory.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-
 
 from evomerge.errors import ConfigError, EvomergeError, Problem
 from evomerge.search.dfs import DFSSpace
@@ -127,28 +131,123 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return sum(float(a) * unit[b] for a, b in parts)
 
 
-def resolve_ref(ref: str) -> str:
-    """A local path made absolute (relative to the current directory), else the reference unchanged."""
+def resolve_ref(ref: str, base_dirs: list[Path] | None = None) -> str:
+    """A local path made absolute (a relative one: against the first of ``base_dirs``, default the
+    current directory, where it exists), else the reference unchanged (a hub id)."""
     if ref == PS_WINNER:
         return ref
     p = Path(ref).expanduser()
-    return str(p.resolve()) if p.exists() else ref
+    if p.is_absolute():
+        return str(p.resolve()) if p.exists() else ref
+    for base in base_dirs or [Path.cwd()]:
+        q = Path(base) / p
+        if q.exists():
+            return str(q.resolve())
+    return ref
 
 
-def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size) -> SearchSpace:
-    """Read and validate a search space YAML file (models are opened, headers only)."""
+def resolve_path(value: str, base_dirs: list[Path] | None = None) -> str:
+    """A file path made absolute: against the first of ``base_dirs`` (default the current directory)
+    where it exists, else against the first one (a file or folder still to be created)."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    bases = [Path(b) for b in (base_dirs or [Path.cwd()])]
+    for base in bases:
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return os.path.normpath(os.path.abspath(bases[0] / p))
+
+
+def resolve_evaluation(evaluation: dict[str, Any], base_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """The ``evaluation:`` mapping with the evaluator kind's file paths made absolute."""
+    from evomerge.search.evaluation import evaluator_kind, evaluator_path_keys
+
+    out = dict(evaluation)
+    for key in evaluator_path_keys(evaluator_kind(out)):
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = resolve_path(out[key], base_dirs)
+    return out
+
+
+def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size,
+               base_dirs: list[Path] | None = None,
+               checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
+    """Read and validate a search space YAML file (models are opened, headers only).
+
+    ``base_dirs``: where relative paths are looked for, in order (default: the current directory).
+    ``checks``: further checks (the evaluator, the sampler, the sources' tensors) whose problems
+    are reported together with the file's own."""
     from evomerge.io_utils import load_yaml_file
 
     path = Path(path)
     data = load_yaml_file(path, "search space file")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return parse_space(data, source=str(path), sizes=sizes)
+    return parse_space(data, source=str(path), sizes=sizes, base_dirs=base_dirs, checks=checks)
+
+
+@dataclass(frozen=True)
+class SpaceParts:
+    """What :func:`parse_space` could parse, for the ``checks`` hook (None: that part is invalid)."""
+
+    source: str
+    kind: str
+    objectives: list[Objective]
+    optimizer: OptimizerConfig | None
+    evaluation: dict[str, Any] | None
+    ps: PSSpace | None
+    dfs: DFSSpace | None
+    complete: bool  # the file itself had no problem
+
+    def stage_spaces(self) -> dict[str, PSSpace | DFSSpace]:
+        out: dict[str, PSSpace | DFSSpace] = {}
+        if self.ps is not None:
+            out["ps"] = self.ps
+        if self.dfs is not None:
+            out["dfs"] = self.dfs
+        return out
+
+
+@dataclass(frozen=True)
+class SpaceSummary:
+    """The parts of a study's space that reading a study needs (no model is opened)."""
+
+    name: str
+    kind: str
+    objectives: tuple[Objective, ...]
+    evaluation: dict[str, Any]
+    source: str
+
+
+def load_space_summary(path: str | Path, *, base_dirs: list[Path] | None = None) -> SpaceSummary:
+    """Name, kind, objectives and evaluation of a search space file, checked, without opening models
+    (``status``, ``report`` and ``export`` work while a source model is missing or moved)."""
+    from evomerge.io_utils import load_yaml_file
+
+    path = Path(path)
+    data = load_yaml_file(path, "search space file")
+    source = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
+                          source=source)
+    c = _Checker(source)
+    objectives = _parse_objectives(c, data.get("objectives"))
+    evaluation = data.get("evaluation")
+    if not isinstance(evaluation, dict):
+        c.add("evaluation", f"expected a mapping, got {evaluation!r}")
+        evaluation = {}
+    if c.problems:
+        raise ConfigError(c.problems, source=source)
+    return SpaceSummary(name=str(data.get("name") or path.stem), kind=str(data.get("kind", "ps")),
+                        objectives=tuple(objectives), evaluation=resolve_evaluation(evaluation, base_dirs),
+                        source=source)
 
 
 class _Checker:
-    def __init__(self, source: str):
+    def __init__(self, source: str, base_dirs: list[Path] | None = None):
         self.source = source
+        self.base_dirs = base_dirs
         self.problems: list[Problem] = []
 
     def add(self, where: str, message: str, hint: str | None = None) -> None:
@@ -203,7 +302,7 @@ def _named_models(c: _Checker, items: Any, where: str) -> list[tuple[str, str]]:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             c.add(f"{where}[{i}].name", f"model name {name!r} may only use letters, digits, _ and -",
                   "set `name:` explicitly")
-        out.append((name, resolve_ref(ref)))
+        out.append((name, resolve_ref(ref, c.base_dirs)))
     names = [n for n, _ in out]
     for n in sorted({n for n in names if names.count(n) > 1}):
         c.add(where, f"model name '{n}' is used twice", "give the models distinct `name:` values")
@@ -213,15 +312,20 @@ def _named_models(c: _Checker, items: Any, where: str) -> list[tuple[str, str]]:
 def _sizes(c: _Checker, refs: list[str], where: str, sizes: Callable[[str], ModelSize],
            extra: dict[str, ModelSize] | None = None) -> list[ModelSize] | None:
     out = []
+    failed = False
     for ref in refs:
         if extra and ref in extra:
             out.append(extra[ref])
             continue
         try:
             out.append(sizes(ref))
-        except EvomergeError as err:
-            c.add(where, f"cannot open model {ref}: {err}")
-            return None
+        except EvomergeError as err:  # every model that cannot be opened, not just the first
+            rel = not Path(ref).expanduser().is_absolute() and not Path(ref).expanduser().exists()
+            c.add(where, f"cannot open model {ref}: {err}",
+                  f"relative model paths are read from the current directory, {Path.cwd()}" if rel else None)
+            failed = True
+    if failed:
+        return None
     types = {s.model_type for s in out}
     if len(types) > 1:
         listing = ", ".join(f"{s.ref} ({s.model_type})" for s in out)
@@ -236,7 +340,7 @@ def _parse_ps(c: _Checker, raw: dict, seed: int, dtype: str | None, sizes) -> tu
 
     raw = c.mapping(raw, "ps", _PS)
     sources = _named_models(c, raw.get("sources"), "ps.sources")
-    base = resolve_ref(raw["base"]) if isinstance(raw.get("base"), str) else None
+    base = resolve_ref(raw["base"], c.base_dirs) if isinstance(raw.get("base"), str) else None
     if raw.get("base") is not None and base is None:
         c.add("ps.base", f"expected a model path, got {raw['base']!r}")
     methods_raw = raw.get("method", "ties")
@@ -412,17 +516,28 @@ def _parse_objectives(c: _Checker, raw: Any) -> list[Objective]:
 
 
 def parse_space(data: Any, *, source: str = "<search space>",
-                sizes: Callable[[str], ModelSize] = model_size) -> SearchSpace:
-    """Validate a search-space mapping; raises :class:`ConfigError` listing every problem."""
-    c = _Checker(source)
+                sizes: Callable[[str], ModelSize] = model_size, base_dirs: list[Path] | None = None,
+                checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
+    """Validate a search-space mapping; raises :class:`ConfigError` listing every problem (those of
+    the ``checks`` hook, when given, included: see :func:`load_space`)."""
+    c = _Checker(source, base_dirs)
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
                           source=source)
     data = dict(data)
     c.mapping(data, "", _TOP)
+    name_ = data.get("name", "study")
+    if isinstance(name_, (int, float)) and not isinstance(name_, bool):
+        name_ = str(name_)
+    if not isinstance(name_, str) or not name_.strip() or "/" in name_ or "\\" in name_ or name_ in (".", ".."):
+        c.add("name", f"expected a study name without '/' (it names the Optuna study and the default "
+              f"folder results/<name>), got {name_!r}", "e.g. name: my-search")
+        name_ = "study"
+    data["name"] = name_
     kind = data.get("kind", "ps")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         c.add("kind", f"unknown kind {kind!r}", f"use one of {', '.join(KINDS)}")
+        kind = str(kind)
     seed = c.integer(data.get("seed", 0), "seed") or 0
     dtype = data.get("dtype")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
@@ -471,10 +586,20 @@ def parse_space(data: Any, *, source: str = "<search space>",
     except ConfigError as err:
         c.add("budget.timeout", err.problems[0].message, err.problems[0].hint)
         timeout = None
+    if timeout is not None and not timeout > 0:
+        c.add("budget.timeout", f"expected a positive duration, got {budget.get('timeout')!r}",
+              "e.g. 8h, 45m; leave it out for no time limit")
+        timeout = None
     evaluation = data.get("evaluation")
-    if not isinstance(evaluation, dict):
+    evaluation_ok = isinstance(evaluation, dict)
+    if not evaluation_ok:
         c.add("evaluation", f"expected a mapping (e.g. {{kind: suite, suite: path}}), got {evaluation!r}")
         evaluation = {}
+    elif not isinstance(evaluation.get("kind", ""), str):
+        c.add("evaluation.kind", f"expected an evaluator kind name, got {evaluation['kind']!r}")
+        evaluation_ok = False
+    else:
+        evaluation = resolve_evaluation(evaluation, base_dirs)
     baselines = data.get("baselines", True)
     if not isinstance(baselines, bool):
         c.add("baselines", f"expected true or false, got {baselines!r}")
@@ -499,12 +624,18 @@ def parse_space(data: Any, *, source: str = "<search space>",
             dfs = _parse_dfs(c, data["dfs"], dtype, sizes, ps_size)
             if data["dfs"].get("trials") is not None:
                 stage_trials["dfs"] = c.integer(data["dfs"]["trials"], "dfs.trials", low=1) or 1
-    for other in {"ps", "dfs"} - set(kind.split("_")):
+    for other in ({"ps", "dfs"} - set(kind.split("_"))) if kind in KINDS else ():
         if other in data:
             c.add(other, f"a `{other}:` section is not used by kind {kind}", "remove it or change kind")
+    if checks is not None:
+        parts = SpaceParts(source=source, kind=kind, objectives=list(objectives), optimizer=optimizer,
+                           evaluation=evaluation if evaluation_ok else None, ps=ps, dfs=dfs,
+                           complete=not c.problems)
+        c.problems += checks(parts)
     if c.problems:
         raise ConfigError(c.problems, source=source)
     normalized = dict(data)
+    normalized["evaluation"] = dict(evaluation)
     for sec, space, key in (("ps", ps, "sources"), ("dfs", dfs, "models")):
         if space is not None:
             section = dict(normalized[sec])
@@ -512,7 +643,124 @@ def parse_space(data: Any, *, source: str = "<search space>",
             if sec == "ps" and space.base:
                 section["base"] = space.base
             normalized[sec] = section
-    return SearchSpace(name=str(data.get("name") or "study"), kind=kind, objectives=tuple(objectives),
+    return SearchSpace(name=name_, kind=kind, objectives=tuple(objectives),
                        optimizer=optimizer, evaluation=dict(evaluation), ps=ps, dfs=dfs,
                        multi_fidelity=fidelity, trials=trials, timeout=timeout, stage_trials=stage_trials,
                        baselines=bool(baselines), seed=seed, data=normalized, source=source)
+
+
+# ------------------------------------------------------------------------------------- sources
+
+
+_COMPAT_HINT = ("merge only models of one architecture and size (e.g. fine-tunes of one base): remove or "
+                "replace the model that differs")
+
+
+def source_problems(parts: SpaceParts) -> list[Problem]:
+    """Every stage's models checked against each other from their headers (no weights read): a PS
+    stage's base and sources must share architecture, tensor names and shapes and vocabulary; a DFS
+    stage's models must have layers of the embed model's tensor names and shapes, and the embed and
+    head models one vocabulary. Each problem names the models and the tensor."""
+    from evomerge.checkpoint import Checkpoint, check_compatible
+
+    problems: list[Problem] = []
+    opened: dict[str, Checkpoint] = {}
+
+    def ck(ref: str, where: str) -> Checkpoint | None:
+        if ref not in opened:
+            try:
+                opened[ref] = Checkpoint.open(ref)
+            except EvomergeError as err:
+                problems.append(Problem(f"{parts.source}: {where}", f"cannot open model {ref}: {err}"))
+                return None
+        return opened[ref]
+
+    ps = parts.ps
+    if ps is not None:
+        models: dict[str, Checkpoint] = {}
+        for label, ref, where in ([(f"base ({ps.base})", ps.base, "ps.base")] if ps.base else []) + [
+                (f"{name} ({ref})", ref, "ps.sources") for name, ref in ps.sources]:
+            c = ck(ref, where)
+            if c is not None:
+                models[label] = c
+        try:
+            check_compatible(models)
+        except EvomergeError as err:
+            lines = [ln[4:] for ln in str(err).splitlines() if ln.startswith("  - ")]
+            by_model: dict[str, list[str]] = {}
+            for line in lines:
+                label = next((m for m in models if line.startswith(m + ": ")), "")
+                by_model.setdefault(label, []).append(line[len(label) + 2:] if label else line)
+            first = next(iter(models), "")
+            for label, details in by_model.items() or {"": [str(err)]}.items():
+                problems.append(Problem(f"{parts.source}: ps.sources", _mismatch(label, first, details), _COMPAT_HINT))
+    dfs = parts.dfs
+    if dfs is not None:
+        stand_in = (ps.base or ps.sources[0][1]) if ps is not None else None  # the PS winner's shape
+        cks: list[tuple[str, Checkpoint]] = []
+        for name, ref in dfs.models:
+            real = stand_in if ref == PS_WINNER else ref
+            c = ck(real, "dfs.models") if real is not None else None
+            cks.append((f"{name} ({ref})" if ref != PS_WINNER else f"{name} (the PS winner, shaped like {real})", c))
+        if all(c is not None for _, c in cks):
+            problems += _dfs_problems(parts.source, dfs, cks)
+    return problems
+
+
+def _mismatch(label: str, ref_label: str, details: list[str], shown: int = 4) -> str:
+    """One message per model that does not fit: its first differences, and how many more."""
+    # check_compatible's "... and N more tensor differences" line counts in the total
+    more = 0
+    kept = []
+    for d in details:
+        if d.startswith("... and ") and d.split()[2].isdigit():
+            more += int(d.split()[2])
+        else:
+            kept.append(d)
+    text = "; ".join(kept[:shown])
+    more += max(len(kept) - shown, 0)
+    if more:
+        text += f"; and {more} more difference(s)"
+    head = f"model {label} does not fit {ref_label}" if label else "the models do not fit together"
+    return f"{head}: {text}"
+
+
+def _layer_map(ck, layer: int) -> dict[str, tuple[int, ...]]:
+    from evomerge.checkpoint import split_layer_name
+
+    out = {}
+    for n in ck.names:
+        parts = split_layer_name(n)
+        if parts is not None and parts[1] == layer:
+            out[parts[2]] = tuple(ck.shape(n))
+    return out
+
+
+def _dfs_problems(source: str, dfs: DFSSpace, cks: list[tuple[str, Any]]) -> list[Problem]:
+    problems: list[Problem] = []
+    where = f"{source}: dfs.models"
+    embed_label, embed = cks[dfs.embed]
+    head_label, head = cks[dfs.head]
+    ref = _layer_map(embed, 0)
+    for label, c in cks:
+        mine: list[str] = []
+        for layer in range(c.num_layers):
+            got = _layer_map(c, layer)
+            for suffix in sorted(set(got) | set(ref)):
+                if suffix not in ref:
+                    mine.append(f"its layer {layer} has tensor '{suffix}', they do not")
+                elif suffix not in got:
+                    mine.append(f"its layer {layer} lacks tensor '{suffix}'")
+                elif got[suffix] != ref[suffix]:
+                    mine.append(f"layer {layer} tensor '{suffix}' has shape {list(got[suffix])}, theirs "
+                                f"{list(ref[suffix])}")
+            if mine:
+                break  # the first layer that differs says enough
+        if mine:
+            problems.append(Problem(where, _mismatch(label, f"the layers of {embed_label} (the embed model)", mine),
+                                    _COMPAT_HINT))
+    if head is not embed and head.vocab_size != embed.vocab_size:
+        problems.append(Problem(f"{source}: dfs.head", f"vocabularies differ: {embed_label} (embed) has "
+                                f"{embed.vocab_size} tokens, {head_label} (head) has {head.vocab_size}",
+                                "use embed and head models with one tokenizer"))
+    return problems

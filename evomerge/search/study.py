@@ -11,11 +11,18 @@ A study folder holds ``study.json`` (which storage and study names, the budget),
   ``evomerge:heldout:<trial>`` (held-out re-scores), ``evomerge:stage_done``.
 
 Optuna-dashboard reads the same storage: ``optuna-dashboard sqlite:///results/NAME/study.db``.
+
+``study.lock`` is the lock of the folder: ``search``, ``resume`` and ``rescore`` hold an exclusive
+``flock`` on it while they run (released by the kernel when the process ends, even by ``kill -9``),
+so a second one on the same study is refused with the holder's pid and host; ``status``, ``report``
+and ``export`` only read and never take it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +37,7 @@ from evomerge.io_utils import atomic_write_text
 META_FILE = "study.json"
 SPACE_FILE = "space.yaml"
 DB_FILE = "study.db"
+LOCK_FILE = "study.lock"
 ATTR = "evomerge:"
 INTERRUPTED = "interrupted: the search stopped while this trial was running (retried on resume)"
 
@@ -60,22 +68,84 @@ def default_storage(study_dir: Path) -> str:
     return f"sqlite:///{(Path(study_dir).resolve() / DB_FILE)}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; :class:`StudyError` when it cannot be reached."""
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (None: another database, or in memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def normalize_storage_url(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute (against the current directory), so the
+    URL recorded in study.json opens the same file from any directory."""
+    url = url.strip()
+    path = sqlite_path(url)
+    if path is None or path.is_absolute():
+        return url
+    rest = url[len("sqlite:///"):]
+    query = rest[len(rest.split("?", 1)[0]):]
+    return f"sqlite:///{os.path.abspath(path.expanduser())}{query}"
+
+
+# the module a database driver imports -> the pip command that installs it
+_DRIVER_PACKAGES = {"psycopg": "pip install 'psycopg[binary]' (or psycopg2-binary with postgresql+psycopg2://...)",
+                    "psycopg2": "pip install psycopg2-binary", "pg8000": "pip install pg8000",
+                    "asyncpg": "pip install asyncpg",
+                    "MySQLdb": "pip install mysqlclient (or pip install pymysql and use mysql+pymysql://...)",
+                    "pymysql": "pip install pymysql", "mysql": "pip install mysql-connector-python",
+                    "oracledb": "pip install oracledb", "cx_Oracle": "pip install oracledb",
+                    "pyodbc": "pip install pyodbc", "pymssql": "pip install pymssql"}
+
+
+def open_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; :class:`StudyError` when it cannot be opened, saying why (no such
+    folder or file, a database driver to install, not a URL, an unreachable server).
+
+    ``create=False``: a SQLite file must exist already (a study's database is never silently
+    replaced by a new, empty one)."""
+    if not isinstance(url, str) or "://" not in url:
+        raise StudyError(f"storage {url!r} is not a database URL; use sqlite:///path/to/study.db or "
+                         "postgresql://user:password@host/database")
+    scheme = url.split("://", 1)[0]
+    dialect = scheme.partition("+")[0]
+    path = sqlite_path(url)
+    if path is not None:
+        if path.is_dir():
+            raise StudyError(f"cannot open storage {url}: {path} is a folder; give the database file, "
+                             f"e.g. sqlite:///{path / DB_FILE}")
         if not path.parent.is_dir():
             raise StudyError(f"cannot open storage {url}: folder {path.parent} does not exist")
+        if not create and not path.is_file():
+            raise StudyError(f"cannot open storage {url}: the database file {path} does not exist (deleted "
+                             "or moved?); restore it, or give the URL of where it is now with `evomerge resume "
+                             "STUDY_DIR --storage URL`")
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
         if url.startswith("sqlite"):
             _sqlite_wal(storage)
         return storage
-    except ModuleNotFoundError as err:
-        raise StudyError(f"cannot open storage {_redact(url)}: the database driver is not installed "
-                         f"({err}); for PostgreSQL: pip install psycopg2-binary") from None
+    except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as an ImportError
+        cause = err.__cause__ or err
+        module = (getattr(cause, "name", None) or "").split(".")[0]
+        how = _DRIVER_PACKAGES.get(module, f"pip install the Python driver of {scheme} ({module or 'see the message'})")
+        raise StudyError(f"cannot open storage {_redact(url)}: the {dialect} database driver is not installed "
+                         f"({cause}); install it: {how}") from None
     except Exception as err:  # noqa: BLE001 - sqlalchemy raises many kinds
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        if type(err).__name__ == "NoSuchModuleError" or "Can't load plugin" in text:
+            raise StudyError(f"cannot open storage {_redact(url)}: unknown database kind '{scheme}' ({first}); "
+                             "use sqlite:///path, postgresql://... or mysql+pymysql://..., and install "
+                             "the driver if it is a SQLAlchemy plugin") from None
+        if "Could not parse" in text or type(err).__name__ == "ArgumentError":
+            raise StudyError(f"storage {_redact(url)} is not a database URL ({first}); use "
+                             "sqlite:///path/to/study.db or postgresql://user:password@host/database") from None
+        if path is not None:
+            raise StudyError(f"cannot open the SQLite database {path}: {first}; check that the file is "
+                             "a SQLite database and that the folder is writable") from None
         raise StudyError(f"cannot reach storage {_redact(url)}: {first}; check the URL, that the "
                          "database server is running, and the credentials") from None
 
@@ -111,21 +181,160 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def meta_text(meta: StudyMeta) -> str:
+    return json.dumps(asdict(meta), indent=2) + "\n"
+
+
 def write_meta(study_dir: Path, meta: StudyMeta) -> None:
-    atomic_write_text(Path(study_dir) / META_FILE, json.dumps(asdict(meta), indent=2) + "\n")
+    try:
+        atomic_write_text(Path(study_dir) / META_FILE, meta_text(meta))
+    except OSError as err:
+        raise StudyError(f"cannot write {Path(study_dir) / META_FILE}: {err.strerror or err}") from None
+
+
+def _meta_problems(data: dict[str, Any]) -> list[str]:
+    def whole(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    out = []
+    known = set(StudyMeta.__dataclass_fields__)
+    out += [f"unknown key '{k}'" for k in data if k not in known]
+    out += [f"missing key '{k}'" for k in ("name", "storage", "stages") if k not in data]
+    if not isinstance(data.get("name", ""), str) or not isinstance(data.get("storage", ""), str):
+        out.append("'name' and 'storage' must be strings")
+    stages = data.get("stages", ["ps"])
+    if not isinstance(stages, list) or not stages or not all(s in ("ps", "dfs") for s in stages):
+        out.append(f"'stages' must be a list of ps / dfs, got {stages!r}")
+    if data.get("trials") is not None and not whole(data["trials"], 1):
+        out.append(f"'trials' must be a whole number >= 1 or null, got {data['trials']!r}")
+    st = data.get("stage_trials", {})
+    if not isinstance(st, dict) or not all(isinstance(k, str) and whole(v, 1) for k, v in st.items()):
+        out.append(f"'stage_trials' must map stages to whole numbers >= 1, got {st!r}")
+    if not whole(data.get("workers", 1), 1):
+        out.append(f"'workers' must be a whole number >= 1, got {data.get('workers')!r}")
+    if data.get("limit") is not None and not whole(data["limit"], 1):
+        out.append(f"'limit' must be a whole number >= 1 or null, got {data['limit']!r}")
+    t = data.get("timeout")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+        out.append(f"'timeout' must be a positive number of seconds or null, got {t!r}")
+    c = data.get("created", 0.0)
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        out.append(f"'created' must be a number (seconds since 1970), got {c!r}")
+    return out
 
 
 def read_meta(study_dir: str | Path) -> StudyMeta:
-    path = Path(study_dir) / META_FILE
+    study_dir = Path(study_dir)
+    path = study_dir / META_FILE
     if not path.is_file():
-        what = "does not exist" if not Path(study_dir).exists() else f"holds no study (no {META_FILE})"
+        if not study_dir.exists():
+            what = "does not exist"
+        elif not study_dir.is_dir():
+            what = "is a file, not a study folder"
+        else:
+            what = f"holds no study (no {META_FILE})"
         raise StudyError(f"{study_dir} {what}; start one with `evomerge search SPACE.yaml --study-dir "
                          f"{study_dir}`")
     try:
-        data = json.loads(path.read_text())
-        return StudyMeta(**data)
-    except (ValueError, TypeError) as err:
-        raise StudyError(f"{path} is damaged ({err}); it must be the {META_FILE} evomerge wrote") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise StudyError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError as err:  # not JSON, not UTF-8
+        raise StudyError(f"{path} is damaged ({err}); it must be the {META_FILE} evomerge wrote "
+                         "(restore it from a backup)") from None
+    problems = _meta_problems(data) if isinstance(data, dict) else ["not a JSON object"]
+    if problems:
+        raise StudyError(f"{path} is damaged: {'; '.join(problems)}; it must be the {META_FILE} evomerge "
+                         "wrote (restore it, or fix the value by hand)")
+    meta = StudyMeta(**data)
+    # the folder's own study.db where study.json names one in another folder: the study folder was
+    # moved or copied (its own database, never the original's)
+    db = sqlite_path(meta.storage)
+    here = study_dir.resolve() / DB_FILE
+    if db is not None and db.name == DB_FILE and db.parent != study_dir.resolve() and here.is_file():
+        meta.storage = default_storage(study_dir)
+    return meta
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def check_study_exists(storage: optuna.storages.BaseStorage, meta: StudyMeta, study_dir: str | Path) -> None:
+    """A :class:`StudyError` unless the storage holds the study ``study.json`` records (its first
+    stage; later stages are created when they start). Catches a deleted or replaced database before
+    a resume would silently start again from zero."""
+    names = study_names(storage)
+    first = meta.study_name(meta.stages[0])
+    if first in names:
+        return
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.created)) if meta.created else "earlier"
+    has = f"it has: {', '.join(sorted(names))}" if names else "it has no study at all"
+    raise StudyError(f"the storage {_redact(meta.storage)} holds no study named {first!r} ({has}), but "
+                     f"{Path(study_dir) / META_FILE} records one created {created}: the database was deleted, "
+                     f"replaced or moved. Restore it, or give the URL of where it is now with `evomerge resume "
+                     f"{study_dir} --storage URL`; to start over, remove {study_dir} and run `evomerge search` again")
+
+
+# ------------------------------------------------------------------------------------------- the lock
+
+
+class StudyLock:
+    """An exclusive ``flock`` on ``<study>/study.lock`` (pid, host, command and start time written in
+    it for the message of whoever is refused). The kernel releases it when the process ends, however
+    it ends, so it is never stale on a local disk."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def acquire(cls, study_dir: str | Path, command: str) -> StudyLock:
+        import fcntl
+
+        path = Path(study_dir) / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StudyError(f"cannot lock the study folder {study_dir}: cannot create {path} "
+                             f"({err.strerror or err}); the folder must be writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+                holder = holder if isinstance(holder, dict) else {}
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            since = holder.get("since")
+            when = (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+                    if isinstance(since, (int, float)) else "")
+            who = (f"`evomerge {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on host "
+                   f"{holder.get('host', '?')}{when})")
+            raise StudyError(f"the study in {study_dir} is in use by {who}; wait for it to end or stop it "
+                             f"first (status, report and export work meanwhile)") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError:
+            pass  # the lock holds without the note
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)  # the file stays: removing it could let two processes lock two files
+            self.fd = -1
+
+    def __enter__(self) -> StudyLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def load_study(storage: optuna.storages.BaseStorage, name: str,
@@ -133,7 +342,7 @@ def load_study(storage: optuna.storages.BaseStorage, name: str,
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         raise StudyError(f"the storage holds no study named {name!r} (it has: {', '.join(names) or 'none'})") \
             from None
 

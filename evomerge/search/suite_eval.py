@@ -114,14 +114,54 @@ class SuiteEvaluator:
         return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
 
 
-@register_evaluator("suite")
+_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+def _int(config: dict[str, Any], key: str, default: int, low: int, problems: list[Problem]) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        problems.append(Problem(f"evaluation.{key}", f"expected a whole number >= {low}, got {value!r}"))
+        return default
+    return value
+
+
+@register_evaluator("suite", paths=("suite", "cache_dir"))
 def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
+    """The suite evaluator; every problem of the mapping at once (a :class:`ConfigError`), and the
+    suite file's own problems (missing, invalid, data files) as the suite loader reports them."""
+    from evomerge.errors import EvalError
+    from evomerge.search.evaluation import check_device
+
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
                 for k in config if k not in _KEYS]
-    if not isinstance(config.get("suite"), str):
-        problems.append(Problem("evaluation.suite", "required key 'suite' (a task suite YAML path) is missing"))
+    suite = config.get("suite")
+    if not isinstance(suite, str) or not suite:
+        problems.append(Problem("evaluation.suite", "required key 'suite' (a task suite YAML path) is missing"
+                                if suite is None else f"expected a task suite YAML path, got {suite!r}"))
+    elif not Path(suite).is_file():
+        problems.append(Problem("evaluation.suite", f"suite file {suite} "
+                                + ("is a folder" if Path(suite).is_dir() else "does not exist"),
+                                "give the path of a task suite YAML (e.g. evals/zoo_demo.yaml)"))
+    batch_size = _int(config, "batch_size", 64, 1, problems)
+    seed = _int(config, "seed", 0, 0, problems)
+    if "device" in config:
+        problems += check_device(config["device"], "evaluation.device")
+    dtype = config.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        problems.append(Problem("evaluation.dtype", f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16"))
+    cache_dir = config.get("cache_dir")
+    if cache_dir is not None:
+        if not isinstance(cache_dir, str) or not cache_dir:
+            problems.append(Problem("evaluation.cache_dir", f"expected a folder path, got {cache_dir!r}"))
+        elif Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            problems.append(Problem("evaluation.cache_dir", f"{cache_dir} is a file, not a folder",
+                                    "give a folder path (it is created when missing)"))
     if problems:
         raise ConfigError(problems)
-    return SuiteEvaluator(config["suite"], device=config.get("device", "cpu"),
-                          batch_size=int(config.get("batch_size", 64)), seed=int(config.get("seed", 0)),
-                          dtype=config.get("dtype"), cache_dir=config.get("cache_dir"))
+    try:
+        return SuiteEvaluator(config["suite"], device=config.get("device", "cpu"), batch_size=batch_size,
+                              seed=seed, dtype=dtype, cache_dir=cache_dir)
+    except EvalError as err:
+        raise ConfigError(Problem("evaluation.suite", str(err))) from None
+    except OSError as err:  # the cache folder cannot be created
+        raise ConfigError(Problem("evaluation.cache_dir", f"cannot use {cache_dir}: {err.strerror or err}")) from None
