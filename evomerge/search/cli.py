@@ -71,7 +71,7 @@ def _check_flags(*, trials=None, workers=None, limit=None, timeout: str | None =
                  ray: dict | None = None) -> float | None:
     """Every problem of the numeric flags at once (a :class:`ConfigError` naming the flags, exit 2);
     returns the timeout in seconds."""
-    from evomerge.search.driver import option_problems
+    from evomerge.search.checks import option_problems
 
     problems: list[Problem] = []
     seconds = None

@@ -266,7 +266,7 @@ def _weights_factory(config: dict[str, Any]) -> Evaluator:
         problems += check_device(config["device"], "evaluation.device")
     if problems:
         raise ConfigError(problems)
-    from evomerge.search.space import resolve_ref
+    from evomerge.search.paths import resolve_ref
 
     try:
         return WeightDistanceEvaluator(resolve_ref(config["target"]), config.get("groups"),

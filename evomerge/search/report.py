@@ -42,7 +42,7 @@ def open_study(study_dir: Path):
     evaluation; no model is opened, so a moved source model does not stop status, report or
     export). A stage not started yet (no study in the storage) is left out; a storage without the
     study at all is an error (a deleted or moved database), and nothing is created."""
-    from evomerge.search.driver import _study_bases
+    from evomerge.search.paths import study_bases
     from evomerge.search.space import load_space_summary
 
     study_dir = Path(study_dir)
@@ -52,7 +52,7 @@ def open_study(study_dir: Path):
     path = study_dir / SPACE_FILE
     if not path.is_file():
         raise StudyError(f"{study_dir} has no {SPACE_FILE}; it was not created by `evomerge search`")
-    space = load_space_summary(path, base_dirs=_study_bases(study_dir))
+    space = load_space_summary(path, base_dirs=study_bases(study_dir))
     have = set(study_names(storage))
     studies = {s: load_study(storage, meta.study_name(s)) for s in meta.stages if meta.study_name(s) in have}
     return meta, space, studies

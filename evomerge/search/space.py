@@ -40,34 +40,35 @@ Model references resolve like recipe references: relative paths against the curr
 mapping (``suite``, ``cache_dir``, ``target``: see :func:`evomerge.search.evaluation.evaluator_path_keys`).
 The normalized mapping (``SearchSpace.data``, what a study folder's ``space.yaml`` holds) has every
 one of them absolute, so a study works from any directory.
+
+The sections' parsers are in :mod:`evomerge.search.space_sections`, path resolution in
+:mod:`evomerge.search.paths`; what a run checks beyond the file (the evaluator, the sampler, the
+sources' compatibility) is in :mod:`evomerge.search.checks` (the ``checks`` hook of :func:`load_space`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from evomerge.errors import ConfigError, EvomergeError, Problem
+from evomerge.errors import ConfigError, Problem
 from evomerge.search.dfs import DFSSpace
-from evomerge.search.objectives import COSTS, ModelSize, Objective, model_size
-from evomerge.search.ps import ParamChoice, PSSpace
+from evomerge.search.objectives import ModelSize, Objective, model_size
+from evomerge.search.paths import PS_WINNER, resolve_evaluation
+from evomerge.search.ps import PSSpace
+from evomerge.search.space_sections import Checker, parse_dfs, parse_objectives, parse_ps
 
 KINDS = ("ps", "dfs", "ps_dfs")
 PYCMA = ("pycma", "cma")
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsgaii", "nsgaiii", "gp", "random")
-PS_WINNER = "@ps"
 
 _TOP = {"name", "description", "kind", "seed", "dtype", "ps", "dfs", "objectives", "optimizer",
         "evaluation", "multi_fidelity", "budget", "baselines"}
-_PS = {"base", "sources", "method", "granularity", "modules", "params", "trials"}
-_DFS = {"models", "repeats", "embed", "head", "scale", "first_layers", "last_layers", "max_depth", "trials"}
 _OPT = {"name", "popsize", "sigma0", "seed", "options"}
 _MF = {"enabled", "rungs", "promote"}
 _BUDGET = {"trials", "timeout"}
-_OBJ = {"metric", "cost", "direction", "weight"}
 
 
 @dataclass(frozen=True)
@@ -131,45 +132,6 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return sum(float(a) * unit[b] for a, b in parts)
 
 
-def resolve_ref(ref: str, base_dirs: list[Path] | None = None) -> str:
-    """A local path made absolute (a relative one: against the first of ``base_dirs``, default the
-    current directory, where it exists), else the reference unchanged (a hub id)."""
-    if ref == PS_WINNER:
-        return ref
-    p = Path(ref).expanduser()
-    if p.is_absolute():
-        return str(p.resolve()) if p.exists() else ref
-    for base in base_dirs or [Path.cwd()]:
-        q = Path(base) / p
-        if q.exists():
-            return str(q.resolve())
-    return ref
-
-
-def resolve_path(value: str, base_dirs: list[Path] | None = None) -> str:
-    """A file path made absolute: against the first of ``base_dirs`` (default the current directory)
-    where it exists, else against the first one (a file or folder still to be created)."""
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    bases = [Path(b) for b in (base_dirs or [Path.cwd()])]
-    for base in bases:
-        if (base / p).exists():
-            return str((base / p).resolve())
-    return os.path.normpath(os.path.abspath(bases[0] / p))
-
-
-def resolve_evaluation(evaluation: dict[str, Any], base_dirs: list[Path] | None = None) -> dict[str, Any]:
-    """The ``evaluation:`` mapping with the evaluator kind's file paths made absolute."""
-    from evomerge.search.evaluation import evaluator_kind, evaluator_path_keys
-
-    out = dict(evaluation)
-    for key in evaluator_path_keys(evaluator_kind(out)):
-        if isinstance(out.get(key), str) and out[key]:
-            out[key] = resolve_path(out[key], base_dirs)
-    return out
-
-
 def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size,
                base_dirs: list[Path] | None = None,
                checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
@@ -231,8 +193,8 @@ def load_space_summary(path: str | Path, *, base_dirs: list[Path] | None = None)
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
                           source=source)
-    c = _Checker(source)
-    objectives = _parse_objectives(c, data.get("objectives"))
+    c = Checker(source)
+    objectives = parse_objectives(c, data.get("objectives"))
     evaluation = data.get("evaluation")
     if not isinstance(evaluation, dict):
         c.add("evaluation", f"expected a mapping, got {evaluation!r}")
@@ -244,283 +206,12 @@ def load_space_summary(path: str | Path, *, base_dirs: list[Path] | None = None)
                         source=source)
 
 
-class _Checker:
-    def __init__(self, source: str, base_dirs: list[Path] | None = None):
-        self.source = source
-        self.base_dirs = base_dirs
-        self.problems: list[Problem] = []
-
-    def add(self, where: str, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(f"{self.source}: {where}", message, hint))
-
-    def mapping(self, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.add(where, f"expected a mapping, got {value!r}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.add(f"{where}.{key}" if where else str(key), f"unknown key '{key}'",
-                         f"allowed keys here: {', '.join(sorted(allowed))}")
-        return value
-
-    def integer(self, value: Any, where: str, low: int = 0) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            self.add(where, f"expected an integer >= {low}, got {value!r}")
-            return None
-        return value
-
-    def number(self, value: Any, where: str) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.add(where, f"expected a number, got {value!r}")
-            return None
-        return float(value)
-
-
-def _named_models(c: _Checker, items: Any, where: str) -> list[tuple[str, str]]:
-    if not isinstance(items, list) or not items:
-        c.add(where, f"expected a non-empty list of models, got {items!r}",
-              "list model paths, or {name, model} mappings")
-        return []
-    out: list[tuple[str, str]] = []
-    for i, it in enumerate(items):
-        if isinstance(it, str):
-            name, ref = (Path(it).name or it).replace(".", "_"), it
-        elif isinstance(it, dict):
-            c.mapping(it, f"{where}[{i}]", {"name", "model"})
-            ref = it.get("model")
-            name = str(it.get("name") or (Path(str(ref)).name if ref else f"m{i}"))
-            if not isinstance(ref, str):
-                c.add(f"{where}[{i}].model", "required key 'model' (a path or hub id) is missing")
-                continue
-        else:
-            c.add(f"{where}[{i}]", f"expected a model path or {{name, model}}, got {it!r}")
-            continue
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-            c.add(f"{where}[{i}].name", f"model name {name!r} may only use letters, digits, _ and -",
-                  "set `name:` explicitly")
-        out.append((name, resolve_ref(ref, c.base_dirs)))
-    names = [n for n, _ in out]
-    for n in sorted({n for n in names if names.count(n) > 1}):
-        c.add(where, f"model name '{n}' is used twice", "give the models distinct `name:` values")
-    return out
-
-
-def _sizes(c: _Checker, refs: list[str], where: str, sizes: Callable[[str], ModelSize],
-           extra: dict[str, ModelSize] | None = None) -> list[ModelSize] | None:
-    out = []
-    failed = False
-    for ref in refs:
-        if extra and ref in extra:
-            out.append(extra[ref])
-            continue
-        try:
-            out.append(sizes(ref))
-        except EvomergeError as err:  # every model that cannot be opened, not just the first
-            rel = not Path(ref).expanduser().is_absolute() and not Path(ref).expanduser().exists()
-            c.add(where, f"cannot open model {ref}: {err}",
-                  f"relative model paths are read from the current directory, {Path.cwd()}" if rel else None)
-            failed = True
-    if failed:
-        return None
-    types = {s.model_type for s in out}
-    if len(types) > 1:
-        listing = ", ".join(f"{s.ref} ({s.model_type})" for s in out)
-        c.add(where, f"sources of different architectures: {listing}",
-              "merge only models of one architecture (the same model_type)")
-        return None
-    return out
-
-
-def _parse_ps(c: _Checker, raw: dict, seed: int, dtype: str | None, sizes) -> tuple[PSSpace | None, list[ModelSize]]:
-    from evomerge.methods import get_method
-
-    raw = c.mapping(raw, "ps", _PS)
-    sources = _named_models(c, raw.get("sources"), "ps.sources")
-    base = resolve_ref(raw["base"], c.base_dirs) if isinstance(raw.get("base"), str) else None
-    if raw.get("base") is not None and base is None:
-        c.add("ps.base", f"expected a model path, got {raw['base']!r}")
-    methods_raw = raw.get("method", "ties")
-    methods_raw = methods_raw if isinstance(methods_raw, list) else [methods_raw]
-    specs = []
-    for i, m in enumerate(methods_raw):
-        try:
-            specs.append(get_method(str(m), where=f"{c.source}: ps.method"))
-        except ConfigError as err:
-            c.problems += err.problems
-    declared = {}
-    for s in specs:
-        for p in s.params:
-            declared.setdefault(p.name, []).append(p)
-        if s.needs_base and base is None:
-            c.add("ps.base", f"method '{s.name}' needs a base model", "add `base: <path>` under ps")
-        n = len(sources)
-        if n and (n < s.min_sources or s.max_sources is not None and n > s.max_sources):
-            c.add("ps.sources", f"method '{s.name}' takes {s.min_sources}..{s.max_sources or 'any'} "
-                  f"sources, got {n}")
-    choices: dict[str, ParamChoice] = {}
-    user = c.mapping(raw.get("params"), "ps.params", set(declared) | set(raw.get("params") or {}))
-    for name, val in user.items():
-        where = f"ps.params.{name}"
-        if name not in declared:
-            known = ", ".join(sorted(declared)) or "none"
-            c.add(where, f"unknown parameter '{name}' for method(s) {', '.join(s.name for s in specs)}",
-                  f"known parameters: {known}")
-            continue
-        p = declared[name][0]
-        if isinstance(val, dict):
-            c.mapping(val, where, {"low", "high"})
-            lo, hi = val.get("low", p.search_low), val.get("high", p.search_high)
-            if lo is None or hi is None:
-                c.add(where, f"'{name}' has no default search bounds", "set both low and high")
-                continue
-            lo, hi = c.number(lo, f"{where}.low"), c.number(hi, f"{where}.high")
-            if lo is None or hi is None:
-                continue
-            if lo > hi:
-                c.add(where, f"bounds reversed: low {lo} > high {hi}", "swap them")
-            for q in declared[name]:
-                for b, label in ((lo, "low"), (hi, "high")):
-                    for prob in q.check(int(b) if q.kind == "int" else b, f"{c.source}: {where}.{label}"):
-                        c.problems.append(prob)
-            choices[name] = ParamChoice("search", lo, hi)
-        else:
-            for q in declared[name]:
-                c.problems += q.check(val, f"{c.source}: {where}")
-            choices[name] = ParamChoice("fixed", value=val)
-    for name, ps_ in declared.items():
-        if name in choices:
-            continue
-        p = ps_[0]
-        if p.searchable and p.search_low is not None and p.search_high is not None:
-            lo = min(q.search_low for q in ps_ if q.search_low is not None)
-            hi = max(q.search_high for q in ps_ if q.search_high is not None)
-            choices[name] = ParamChoice("search", lo, hi)
-        elif p.required:
-            c.add(f"ps.params.{name}", f"required parameter '{name}' is neither searched nor fixed",
-                  f"set `{name}: <value>` or `{name}: {{low: .., high: ..}}`")
-        else:
-            choices[name] = ParamChoice("default")
-    modules = raw.get("modules") or []
-    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        c.add("ps.modules", f"expected a list of tensor-name filters, got {modules!r}",
-              "e.g. [self_attn, mlp]")
-        modules = []
-    gran = c.integer(raw.get("granularity"), "ps.granularity", low=1)
-    msizes = _sizes(c, ([base] if base else []) + [r for _, r in sources], "ps.sources", sizes) \
-        if sources else None
-    if not msizes or not specs:
-        return None, msizes or []
-    layers = {s.num_layers for s in msizes}
-    if len(layers) > 1:
-        c.add("ps.sources", f"sources have different layer counts {sorted(layers)}",
-              "a parameter-space merge needs models with the same layers")
-        return None, msizes
-    n = layers.pop()
-    gran = gran or n
-    if n % gran:
-        divisors = [d for d in range(1, n + 1) if n % d == 0]
-        c.add("ps.granularity", f"granularity {gran} does not divide the layer count {n}",
-              f"use one of {divisors}")
-        return None, msizes
-    space = PSSpace(sources=tuple(sources), base=base, methods=tuple(s.name for s in specs), num_layers=n,
-                    granularity=gran, modules=tuple(modules), params=choices, dtype=dtype, seed=seed)
-    return space, msizes
-
-
-def _parse_dfs(c: _Checker, raw: dict, dtype: str | None, sizes, ps_size: ModelSize | None) -> DFSSpace | None:
-    raw = c.mapping(raw, "dfs", _DFS)
-    models = _named_models(c, raw.get("models"), "dfs.models")
-    if any(ref == PS_WINNER for _, ref in models) and ps_size is None:
-        c.add("dfs.models", "'@ps' (the PS winner) is only allowed in a kind: ps_dfs space")
-        return None
-    repeats = c.integer(raw.get("repeats", 1), "dfs.repeats", low=1) or 1
-    names = [n for n, _ in models]
-    idx = {}
-    for key in ("embed", "head"):
-        val = raw.get(key, raw.get("embed") if key == "head" else None)
-        if val is None:
-            idx[key] = 0
-        elif val in names:
-            idx[key] = names.index(val)
-        else:
-            c.add(f"dfs.{key}", f"'{val}' is not one of the models ({', '.join(names)})")
-            idx[key] = 0
-    scale = raw.get("scale", {})
-    bounds: tuple[float, float] | None = (0.5, 2.0)
-    if scale is False:
-        bounds = None
-    else:
-        scale = c.mapping(scale, "dfs.scale", {"low", "high"})
-        lo, hi = c.number(scale.get("low", 0.5), "dfs.scale.low"), c.number(scale.get("high", 2.0), "dfs.scale.high")
-        if lo is not None and hi is not None:
-            if lo > hi:
-                c.add("dfs.scale", f"bounds reversed: low {lo} > high {hi}", "swap them")
-            if lo <= 0:
-                c.add("dfs.scale.low", f"scales must be positive, got low {lo}", "use e.g. low: 0.5")
-            bounds = (lo, hi)
-    first = c.integer(raw.get("first_layers", 0), "dfs.first_layers") or 0
-    last = c.integer(raw.get("last_layers", 0), "dfs.last_layers") or 0
-    depth = c.integer(raw.get("max_depth"), "dfs.max_depth", low=1)
-    if not models:
-        return None
-    extra = {PS_WINNER: ps_size} if ps_size else None
-    msizes = _sizes(c, [r for _, r in models], "dfs.models", sizes, extra)
-    if msizes is None:
-        return None
-    layers = tuple(s.num_layers for s in msizes)
-    if first > layers[idx["embed"]] or last > layers[idx["head"]]:
-        c.add("dfs", "first_layers/last_layers exceed the embed/head model's layer count")
-        return None
-    if depth is not None and depth < first + last:
-        c.add("dfs.max_depth", f"max_depth {depth} is smaller than first_layers + last_layers")
-    return DFSSpace(models=tuple(models), layers=layers, repeats=repeats, embed=idx["embed"], head=idx["head"],
-                    scale=bounds, first_layers=first, last_layers=last, max_depth=depth, dtype=dtype)
-
-
-def _parse_objectives(c: _Checker, raw: Any) -> list[Objective]:
-    raw = raw if raw is not None else [{"metric": "combined"}]
-    if not isinstance(raw, list) or not raw:
-        c.add("objectives", f"expected a non-empty list, got {raw!r}", "e.g. [{metric: combined}]")
-        return []
-    out = []
-    for i, o in enumerate(raw):
-        where = f"objectives[{i}]"
-        if isinstance(o, str):
-            o = {"cost": o[5:]} if o.startswith("cost:") else {"metric": o}
-        o = c.mapping(o, where, _OBJ)
-        if ("metric" in o) == ("cost" in o):
-            c.add(where, "give exactly one of `metric: <score name>` or `cost: params|layers`")
-            continue
-        kind = "metric" if "metric" in o else "cost"
-        key = str(o[kind])
-        if kind == "cost" and key not in COSTS:
-            c.add(f"{where}.cost", f"unknown cost '{key}'", f"use one of {', '.join(COSTS)}")
-        direction = o.get("direction", "maximize" if kind == "metric" else "minimize")
-        if direction not in ("maximize", "minimize"):
-            c.add(f"{where}.direction", f"expected maximize or minimize, got {direction!r}")
-        w = o.get("weight")
-        if w is not None:
-            w = c.number(w, f"{where}.weight")
-        out.append(Objective(key if kind == "metric" else f"cost:{key}", kind, key, direction, w))
-    names = [o.name for o in out]
-    for n in sorted({n for n in names if names.count(n) > 1}):
-        c.add("objectives", f"objective '{n}' is listed twice")
-    if sum(o.weight is not None for o in out) not in (0, len(out)):
-        c.add("objectives", "weights must be set on every objective or on none",
-              "weights combine the objectives into one scalar")
-    return out
-
-
 def parse_space(data: Any, *, source: str = "<search space>",
                 sizes: Callable[[str], ModelSize] = model_size, base_dirs: list[Path] | None = None,
                 checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
     """Validate a search-space mapping; raises :class:`ConfigError` listing every problem (those of
     the ``checks`` hook, when given, included: see :func:`load_space`)."""
-    c = _Checker(source, base_dirs)
+    c = Checker(source, base_dirs)
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
                           source=source)
@@ -542,7 +233,7 @@ def parse_space(data: Any, *, source: str = "<search space>",
     dtype = data.get("dtype")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
         c.add("dtype", f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
-    objectives = _parse_objectives(c, data.get("objectives"))
+    objectives = parse_objectives(c, data.get("objectives"))
     opt = c.mapping(data.get("optimizer", {}), "optimizer", _OPT)
     name = str(opt.get("name", "pycma")).lower()
     if name not in PYCMA + OPTUNA_SAMPLERS:
@@ -609,7 +300,7 @@ def parse_space(data: Any, *, source: str = "<search space>",
         if not isinstance(data.get("ps"), dict):
             c.add("ps", f"kind {kind} needs a `ps:` section")
         else:
-            ps, sizes_ps = _parse_ps(c, data["ps"], seed, dtype, sizes)
+            ps, sizes_ps = parse_ps(c, data["ps"], seed, dtype, sizes)
             if data["ps"].get("trials") is not None:
                 stage_trials["ps"] = c.integer(data["ps"]["trials"], "ps.trials", low=1) or 1
     if kind in ("dfs", "ps_dfs"):
@@ -621,7 +312,7 @@ def parse_space(data: Any, *, source: str = "<search space>",
                 ps_size = sizes_ps[-1]
             elif kind == "ps_dfs":
                 ps_size = ModelSize(PS_WINNER, "?", 1, (0,), 0)  # PS section invalid: check the rest
-            dfs = _parse_dfs(c, data["dfs"], dtype, sizes, ps_size)
+            dfs = parse_dfs(c, data["dfs"], dtype, sizes, ps_size)
             if data["dfs"].get("trials") is not None:
                 stage_trials["dfs"] = c.integer(data["dfs"]["trials"], "dfs.trials", low=1) or 1
     for other in ({"ps", "dfs"} - set(kind.split("_"))) if kind in KINDS else ():
@@ -647,120 +338,3 @@ def parse_space(data: Any, *, source: str = "<search space>",
                        optimizer=optimizer, evaluation=dict(evaluation), ps=ps, dfs=dfs,
                        multi_fidelity=fidelity, trials=trials, timeout=timeout, stage_trials=stage_trials,
                        baselines=bool(baselines), seed=seed, data=normalized, source=source)
-
-
-# ------------------------------------------------------------------------------------- sources
-
-
-_COMPAT_HINT = ("merge only models of one architecture and size (e.g. fine-tunes of one base): remove or "
-                "replace the model that differs")
-
-
-def source_problems(parts: SpaceParts) -> list[Problem]:
-    """Every stage's models checked against each other from their headers (no weights read): a PS
-    stage's base and sources must share architecture, tensor names and shapes and vocabulary; a DFS
-    stage's models must have layers of the embed model's tensor names and shapes, and the embed and
-    head models one vocabulary. Each problem names the models and the tensor."""
-    from evomerge.checkpoint import Checkpoint, check_compatible
-
-    problems: list[Problem] = []
-    opened: dict[str, Checkpoint] = {}
-
-    def ck(ref: str, where: str) -> Checkpoint | None:
-        if ref not in opened:
-            try:
-                opened[ref] = Checkpoint.open(ref)
-            except EvomergeError as err:
-                problems.append(Problem(f"{parts.source}: {where}", f"cannot open model {ref}: {err}"))
-                return None
-        return opened[ref]
-
-    ps = parts.ps
-    if ps is not None:
-        models: dict[str, Checkpoint] = {}
-        for label, ref, where in ([(f"base ({ps.base})", ps.base, "ps.base")] if ps.base else []) + [
-                (f"{name} ({ref})", ref, "ps.sources") for name, ref in ps.sources]:
-            c = ck(ref, where)
-            if c is not None:
-                models[label] = c
-        try:
-            check_compatible(models)
-        except EvomergeError as err:
-            lines = [ln[4:] for ln in str(err).splitlines() if ln.startswith("  - ")]
-            by_model: dict[str, list[str]] = {}
-            for line in lines:
-                label = next((m for m in models if line.startswith(m + ": ")), "")
-                by_model.setdefault(label, []).append(line[len(label) + 2:] if label else line)
-            first = next(iter(models), "")
-            for label, details in by_model.items() or {"": [str(err)]}.items():
-                problems.append(Problem(f"{parts.source}: ps.sources", _mismatch(label, first, details), _COMPAT_HINT))
-    dfs = parts.dfs
-    if dfs is not None:
-        stand_in = (ps.base or ps.sources[0][1]) if ps is not None else None  # the PS winner's shape
-        cks: list[tuple[str, Checkpoint]] = []
-        for name, ref in dfs.models:
-            real = stand_in if ref == PS_WINNER else ref
-            c = ck(real, "dfs.models") if real is not None else None
-            cks.append((f"{name} ({ref})" if ref != PS_WINNER else f"{name} (the PS winner, shaped like {real})", c))
-        if all(c is not None for _, c in cks):
-            problems += _dfs_problems(parts.source, dfs, cks)
-    return problems
-
-
-def _mismatch(label: str, ref_label: str, details: list[str], shown: int = 4) -> str:
-    """One message per model that does not fit: its first differences, and how many more."""
-    # check_compatible's "... and N more tensor differences" line counts in the total
-    more = 0
-    kept = []
-    for d in details:
-        if d.startswith("... and ") and d.split()[2].isdigit():
-            more += int(d.split()[2])
-        else:
-            kept.append(d)
-    text = "; ".join(kept[:shown])
-    more += max(len(kept) - shown, 0)
-    if more:
-        text += f"; and {more} more difference(s)"
-    head = f"model {label} does not fit {ref_label}" if label else "the models do not fit together"
-    return f"{head}: {text}"
-
-
-def _layer_map(ck, layer: int) -> dict[str, tuple[int, ...]]:
-    from evomerge.checkpoint import split_layer_name
-
-    out = {}
-    for n in ck.names:
-        parts = split_layer_name(n)
-        if parts is not None and parts[1] == layer:
-            out[parts[2]] = tuple(ck.shape(n))
-    return out
-
-
-def _dfs_problems(source: str, dfs: DFSSpace, cks: list[tuple[str, Any]]) -> list[Problem]:
-    problems: list[Problem] = []
-    where = f"{source}: dfs.models"
-    embed_label, embed = cks[dfs.embed]
-    head_label, head = cks[dfs.head]
-    ref = _layer_map(embed, 0)
-    for label, c in cks:
-        mine: list[str] = []
-        for layer in range(c.num_layers):
-            got = _layer_map(c, layer)
-            for suffix in sorted(set(got) | set(ref)):
-                if suffix not in ref:
-                    mine.append(f"its layer {layer} has tensor '{suffix}', they do not")
-                elif suffix not in got:
-                    mine.append(f"its layer {layer} lacks tensor '{suffix}'")
-                elif got[suffix] != ref[suffix]:
-                    mine.append(f"layer {layer} tensor '{suffix}' has shape {list(got[suffix])}, theirs "
-                                f"{list(ref[suffix])}")
-            if mine:
-                break  # the first layer that differs says enough
-        if mine:
-            problems.append(Problem(where, _mismatch(label, f"the layers of {embed_label} (the embed model)", mine),
-                                    _COMPAT_HINT))
-    if head is not embed and head.vocab_size != embed.vocab_size:
-        problems.append(Problem(f"{source}: dfs.head", f"vocabularies differ: {embed_label} (embed) has "
-                                f"{embed.vocab_size} tokens, {head_label} (head) has {head.vocab_size}",
-                                "use embed and head models with one tokenizer"))
-    return problems

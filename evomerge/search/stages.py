@@ -1,0 +1,286 @@
+"""One run of a study's stages (:class:`StudyRun`), for the entry points in :mod:`evomerge.search.driver`.
+
+Each stage first scores its baselines (:func:`baselines`: the untuned default point of the space
+and each source model alone) so the front is always shown against them, then its optimizer's
+candidates (pycma generations, or an Optuna sampler's trials as workers free up) are scored by a
+:class:`~evomerge.search.runner.StageRunner` until the stage's budget is spent or the run's time is
+up. The DFS stage of a ``ps_dfs`` space runs over the PS stage's winner, merged into
+``<study>/ps_winner``. :meth:`StudyRun.rescore` scores a stage's Pareto front and baselines on the
+held-out split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.errors import StudyError
+from evomerge.recipe import DataFlowRecipe, PathStep, Recipe, parse_recipe, recipe_to_yaml
+from evomerge.search import dims as D
+from evomerge.search.evaluation import Evaluator, make_evaluator
+from evomerge.search.objectives import study_directions, utility
+from evomerge.search.optimizers import PyCMA, make_sampler
+from evomerge.search.pareto import front_trials
+from evomerge.search.paths import PS_WINNER
+from evomerge.search.runner import Candidate, StageRunner
+from evomerge.search.space import SearchSpace
+from evomerge.search.study import (StudyMeta, create_or_load, finished, get_attr, heldout_records, new_trial,
+                                   recover_interrupted, set_attr)
+from evomerge.workers import base as _workers  # module, not names: evomerge.workers may be mid-import
+
+DEFAULT_TRIALS = 50
+_POLL = 5.0  # seconds between liveness checks of the executor while the held-out re-score waits
+
+
+def _first_errors(study, k: int = 3) -> list[str]:
+    out: list[str] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        err = t.user_attrs.get("error")
+        if err and not t.user_attrs.get("interrupted") and err not in out:
+            out.append(err)
+            if len(out) >= k:
+                break
+    return out
+
+
+def _source_alone(ref: str, num_layers: int) -> DataFlowRecipe:
+    """A recipe that rebuilds ``ref`` exactly (its own layers, scale 1)."""
+    return DataFlowRecipe(kind="dataflow", path=[PathStep(model=ref, layer=i) for i in range(num_layers)],
+                          embed=ref, head=ref)
+
+
+def baselines(space) -> list[tuple[str, Recipe | None, dict[str, Any] | None]]:
+    """``(label, recipe, params)`` of a stage's baselines: the untuned point, then each source alone."""
+    from evomerge.search.dfs import DFSSpace
+
+    out: list[tuple[str, Recipe | None, dict[str, Any] | None]] = []
+    default = space.default_params()
+    out.append(("untuned default", space.decode(default), default))
+    if isinstance(space, DFSSpace):
+        for (name, ref), n in zip(space.models, space.layers):
+            out.append((f"source {name}", _source_alone(ref, n), None))
+    else:
+        for name, ref in space.sources:
+            out.append((f"source {name}", _source_alone(ref, space.num_layers), None))
+        if space.base:
+            out.append(("base", _source_alone(space.base, space.num_layers), None))
+    return out
+
+
+class StudyRun:
+    def __init__(self, study_dir: Path, meta: StudyMeta, space: SearchSpace, executor: _workers.Executor | None,
+                 storage, probe: Evaluator, evaluator_factory, progress: bool, timeout: float | None,
+                 own_executor: bool = False):
+        self.dir, self.meta, self.space, self.progress = study_dir, meta, space, progress
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.storage = storage
+        self.probe = probe
+        make = evaluator_factory or (lambda: make_evaluator(space.evaluation, source=f"{space.source}: evaluation"))
+        pool = [probe]  # the evaluator built to check the space is the first one used
+        self.executor = executor or _workers.InProcessExecutor(lambda: pool.pop() if pool else make(),
+                                                               workers=meta.workers)
+        self._own_executor = executor is None or own_executor
+
+    def time_left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def stage_study(self, stage: str, sampler=None):
+        names = [o.name for o in self.space.objectives]
+        metric_names = names if len(study_directions(list(self.space.objectives))) == len(names) else None
+        return create_or_load(self.storage, self.meta.study_name(stage),
+                              study_directions(list(self.space.objectives)), sampler, metric_names)
+
+    def rungs(self, study) -> tuple[float, ...]:
+        stored = get_attr(study, "rungs")
+        if stored is not None:
+            return tuple(stored)
+        mf = self.space.multi_fidelity
+        on = mf.enabled
+        if on == "auto":
+            size = self.probe.split_size("search")
+            on = size is not None and size >= mf.auto_min_items
+        rungs = tuple(mf.rungs) if on else (1.0,)
+        set_attr(study, "rungs", list(rungs))
+        return rungs
+
+    def bind_stage(self, stage: str):
+        space = self.space.stage_space(stage)
+        if stage != "dfs" or self.space.kind != "ps_dfs":
+            return space
+        ps_study = self.stage_study("ps")
+        best = best_trial(ps_study, self.space)
+        if best is None:
+            errors = _first_errors(ps_study)
+            listing = "".join(f"\n  - {e}" for e in errors)
+            raise StudyError("the PS stage has no completed trial to continue the DFS stage from"
+                             + (f": every trial failed, e.g.{listing}" if errors else ""))
+        winner = self.dir / "ps_winner"
+        recipe = parse_recipe(yaml.safe_load(best.user_attrs["recipe"]))
+        if not (winner / "recipe.yaml").is_file() or (winner / "recipe.yaml").read_text() != recipe_to_yaml(recipe):
+            from evomerge.materialize import merge_to_disk
+
+            merge_to_disk(recipe, winner, overwrite=True, progress=False)
+        models = tuple((n, str(winner) if r == PS_WINNER else r) for n, r in space.models)
+        return dataclasses.replace(space, models=models)
+
+    def run_stage(self, stage: str) -> dict[str, Any]:
+        cfg = self.space.optimizer
+        space = self.bind_stage(stage)
+        budget = self.meta.budget(stage) or DEFAULT_TRIALS
+        study = self.stage_study(stage)
+        recover_interrupted(study)
+        n_obj = len(study.directions)
+        sampler = make_sampler(cfg, n_objectives=n_obj, seed_offset=len(study.get_trials(deepcopy=False)))
+        study.sampler = sampler
+        done = len(finished(study))
+        bar = _bar(stage, budget, done, self.progress)
+        best = [None]
+
+        def on_finish(c: Candidate) -> None:
+            if c.utility is not None and (best[0] is None or c.utility > best[0]):
+                best[0] = c.utility
+            bar.update(1)
+            if best[0] is not None:
+                bar.set_postfix_str(f"best {self._utility_name()} {best[0]:.4g}")
+
+        mf = self.space.multi_fidelity
+        runner = StageRunner(study, space, list(self.space.objectives), self.executor, self.rungs(study),
+                             mf.promote, stage, self.meta.limit, on_finish=on_finish)
+        try:
+            if self.space.baselines:
+                self.run_baselines(runner)
+            if cfg.is_pycma:
+                x0 = D.encode(runner.dims, space.default_params())
+                cma = PyCMA(study, len(runner.dims), cfg, x0)
+                while self.time_left():
+                    left = budget - len(finished(study))
+                    if left <= 0:
+                        break
+                    runner.run_generation(cma, left)
+            else:
+                self.retry_interrupted(study, runner)
+
+                def can_start(in_flight: int) -> bool:
+                    return self.time_left() and len(finished(study)) + in_flight < budget
+
+                runner.run_async(can_start)
+        except BaseException:
+            runner.abandon()
+            raise
+        finally:
+            bar.close()
+        n_done = len(finished(study))
+        if n_done >= budget:
+            set_attr(study, "stage_done", True)
+        bt = best_trial(study, self.space)
+        failed = sum(t.state == TrialState.FAIL for t in finished(study))
+        return {"finished": n_done, "budget": budget, "failed": failed,
+                "errors": _first_errors(study) if failed else [],
+                "best_trial": None if bt is None else bt.number,
+                "best_utility": None if bt is None else utility(list(self.space.objectives), bt.user_attrs["objectives"])}
+
+    def _utility_name(self) -> str:
+        objs = self.space.objectives
+        return "score" if all(o.weight is not None for o in objs) else objs[0].name
+
+    def retry_interrupted(self, study, runner: StageRunner) -> None:
+        """Enqueue (once) the params of search trials that were interrupted, for Optuna samplers."""
+        retried = set(get_attr(study, "retried") or [])
+        todo = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.user_attrs.get("interrupted") and t.user_attrs.get("kind") == "search"
+                and t.number not in retried and t.params]
+        for t in todo:
+            study.enqueue_trial(t.params, skip_if_exists=False)
+            retried.add(t.number)
+        if todo:
+            set_attr(study, "retried", sorted(retried))
+
+    def run_baselines(self, runner: StageRunner) -> None:
+        study = runner.study
+        have = {t.user_attrs.get("label") for t in finished(study, kind="baseline")}
+        todo = [(label, recipe, params) for label, recipe, params in baselines(runner.space) if label not in have]
+        cands = []
+        for label, recipe, params in todo:
+            number = new_trial(study, params=params or {}, distributions=runner.dists,
+                               user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
+                                           "recipe": recipe_to_yaml(recipe)})
+            cand = Candidate(number, recipe, params or {}, rung=len(runner.rungs) - 1)
+            runner.live[number] = cand
+            cands.append(cand)
+        saved = runner.on_finish
+        runner.on_finish = lambda c: None  # baselines do not count toward the budget
+        try:
+            runner.run_batch(cands)
+        finally:
+            runner.on_finish = saved
+
+    def rescore(self, stage: str, *, force: bool = False) -> int:
+        """Score the stage's Pareto front and baselines on the held-out split; returns how many were scored."""
+        study = self.stage_study(stage)
+        have = heldout_records(study)
+        objs = list(self.space.objectives)
+        targets = front_trials(study, objs, include_baselines=True)
+        targets += [t for t in finished(study, kind="baseline") if t.state == TrialState.COMPLETE]
+        todo = {t.number: t for t in targets if force or t.number not in have}
+        # each result is stored as soon as it is in (a killed re-score keeps what it finished, and
+        # the next resume or rescore scores only the rest); at most `capacity` jobs in flight
+        pending = list(todo)
+        running: dict[Any, int] = {}
+        while pending or running:
+            while pending and len(running) < max(1, int(getattr(self.executor, "capacity", 1))):
+                n = pending.pop(0)
+                recipe = parse_recipe(yaml.safe_load(todo[n].user_attrs["recipe"]))
+                running[self.executor.submit(_workers.Job(n, recipe, "held-out"))] = n
+            done, _ = wait(list(running), timeout=_POLL, return_when=FIRST_COMPLETED)
+            if not done and getattr(self.executor, "check", None) is not None:
+                self.executor.check()  # RunInterrupted when the workers are gone (what is stored stays)
+            for fut in done:
+                n = running.pop(fut)
+                res = fut.result()
+                rec: dict[str, Any] = {"error": res.error, "worker": res.worker, "seconds": res.seconds}
+                if res.ok:
+                    rec.update(res.outcome.to_dict())
+                    try:
+                        rec["objectives"] = _objective_values(objs, res.outcome.scores, todo[n])
+                    except KeyError as err:
+                        rec["error"] = str(err)
+                set_attr(study, f"heldout:{n}", rec)
+        return len(todo)
+
+    def close(self) -> None:
+        if self._own_executor:
+            self.executor.shutdown()
+
+
+def _objective_values(objs, scores, trial) -> dict[str, float]:
+    from evomerge.search.objectives import objective_values
+
+    return objective_values(objs, scores, parse_recipe(yaml.safe_load(trial.user_attrs["recipe"])))
+
+
+def _bar(stage: str, total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=min(initial, total), desc=f"search {stage}", unit="trial",
+                disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def best_trial(study, space: SearchSpace):
+    """The completed trial (search or baseline) with the highest utility, or None."""
+    objs = list(space.objectives)
+    best, best_u = None, -math.inf
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "objectives" not in t.user_attrs:
+            continue
+        u = utility(objs, t.user_attrs["objectives"])
+        if u > best_u:
+            best, best_u = t, u
+    return best
