@@ -11,6 +11,13 @@ split count for the best trial and the Pareto front.
 
 A candidate that fails (exception, non-finite score, out of memory) is recorded as FAIL with the
 reason in ``error``; pycma gets a penalty fitness, Optuna samplers skip failed trials.
+
+Waiting on the executor is bounded: every ``POLL`` seconds without a result the executor's
+``check()`` (where it has one, e.g. :class:`~evomerge.workers.ray_executor.RayExecutor`) is asked
+whether it can still run jobs. When it cannot (every Ray worker lost, a dead node, an unreachable
+cluster) a :class:`~evomerge.errors.RunInterrupted` saying what died and how many trials were
+running is raised; the driver then records those trials as interrupted (``abandon``) and
+``evomerge resume`` retries them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from evomerge.errors import RunInterrupted
 from evomerge.recipe import Recipe, recipe_hash, recipe_to_yaml
 from evomerge.search import dims as D
 from evomerge.search.objectives import Objective, objective_values, study_values, utility
@@ -31,6 +39,7 @@ from evomerge.search.study import finished, new_trial, set_user_attrs
 from evomerge.workers import base as _workers  # module, not names: evomerge.workers may be mid-import
 
 PENALTY = 1e12  # pycma fitness (minimized) of a failed candidate
+POLL = 5.0  # seconds between liveness checks of the executor while waiting for results
 
 
 @dataclass
@@ -145,6 +154,41 @@ class StageRunner:
 
     # --------------------------------------------------------------------------- running jobs
 
+    def _submit(self, cand: Candidate) -> Future:
+        try:
+            return self.executor.submit(self.job(cand))
+        except RunInterrupted as err:
+            raise self._interrupted(err) from err
+
+    def _wait(self, running: dict[Future, Candidate]) -> list[Future]:
+        """The futures of ``running`` that are done (at least one; interrupted ones last, so the
+        results that did come in are recorded first); between polls the executor's ``check()``
+        raises :class:`RunInterrupted` when it can no longer run them."""
+        check = getattr(self.executor, "check", None)
+        while True:
+            done, _ = wait(list(running), timeout=POLL, return_when=FIRST_COMPLETED)
+            if done:
+                return sorted(done, key=lambda f: not f.cancelled() and isinstance(f.exception(), RunInterrupted))
+            if check is not None:
+                try:
+                    check()
+                except RunInterrupted as err:
+                    raise self._interrupted(err) from err
+
+    def _result(self, fut: Future) -> _workers.JobResult:
+        try:
+            return fut.result()
+        except RunInterrupted as err:
+            raise self._interrupted(err) from err
+
+    def _interrupted(self, err: RunInterrupted) -> RunInterrupted:
+        """``err`` worded for the study: what died and how many trials the driver records as
+        interrupted (every live one: ``abandon`` marks them when this escapes ``run_stage``)."""
+        what = getattr(err, "what", None) or str(err)
+        n = len(self.live)
+        return RunInterrupted(f"the search stopped: {what}; {n} running trial(s) of stage {self.stage} were "
+                              "recorded as interrupted (not failed); the study can be resumed with `evomerge resume`")
+
     def run_batch(self, cands: list[Candidate]) -> None:
         """Score candidates at their current rung, at most ``capacity`` at once."""
         pending = list(cands)
@@ -152,11 +196,10 @@ class StageRunner:
         while pending or running:
             while pending and len(running) < self.executor.capacity:
                 c = pending.pop(0)
-                running[self.executor.submit(self.job(c))] = c
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
+                running[self._submit(c)] = c
+            for fut in self._wait(running):
                 c = running.pop(fut)
-                self.record(c, fut.result())
+                self.record(c, self._result(fut))
 
     # --------------------------------------------------------------------------- pycma generations
 
@@ -250,16 +293,15 @@ class StageRunner:
                 trial = self.study.ask(self.dists)
                 cand = self.create(dict(trial.params), {}, trial=trial)
                 if cand.state == TrialState.RUNNING:
-                    running[self.executor.submit(self.job(cand))] = cand
+                    running[self._submit(cand)] = cand
             if not running:
                 return
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
+            for fut in self._wait(running):
                 cand = running.pop(fut)
-                if self.record(cand, fut.result()):
+                if self.record(cand, self._result(fut)):
                     continue
                 if self.promote_async(cand):
                     cand.rung += 1
-                    running[self.executor.submit(self.job(cand))] = cand
+                    running[self._submit(cand)] = cand
                 else:
                     self.prune(cand)
