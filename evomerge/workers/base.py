@@ -83,7 +83,15 @@ class InProcessExecutor:
         self.capacity = max(1, int(workers))
         self._factory = evaluator_factory
         self._local: dict[str, Evaluator] = {}
-        self._pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="evomerge") if self.capacity > 1 else None
+        self._pool = None
+        if self.capacity > 1:
+            # transformers resolves its lazy attributes on first use, and two threads doing that at
+            # once can see a half-initialized module (ImportError: cannot import name 'AutoConfig');
+            # resolve the ones the evaluators use here, before any thread starts
+            import transformers
+
+            transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # noqa: B018
+            self._pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="evomerge")
 
     def _evaluator(self) -> Evaluator:
         import threading
