@@ -361,7 +361,7 @@ def validate_recipe(recipe: Recipe, *, source: str = "<recipe>") -> list[Problem
                 if p.required and p.name not in src.params and p.name not in recipe.params:
                     problems.append(Problem(at(f"sources[{i}].params"),
                                             f"required parameter '{p.name}' is missing",
-                                            f"set it per source or under the top-level params"))
+                                            "set it per source or under the top-level params"))
             if src.layers:
                 lengths.append(src.layers[1] - src.layers[0])
         for p in spec.global_params():

@@ -4,7 +4,7 @@
 lm-eval task name, or names of custom task YAMLs found under ``include_path`` (a directory; their
 ``dataset_path: json`` + ``dataset_kwargs: {data_files: ...}`` point at local files, so nothing is
 downloaded). The model is wrapped with ``HFLM(pretrained=model, tokenizer=tokenizer)``: no disk
-round trip, scored on the device it is on. Results come back as a :class:`SuiteResult` whose
+round trip, scored on the device it is on. ``samples`` scores chosen documents per task. Results come back as a :class:`SuiteResult` whose
 tasks carry lm-eval's metrics, the primary metric's stderr and the sample count.
 
 Offline use: set ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` (done here when every task's
@@ -24,34 +24,28 @@ from evomerge.evaluate.engine import SuiteResult, TaskResult, combine
 _PRIMARY_ORDER = ("acc", "exact_match", "acc_norm", "word_perplexity", "perplexity")
 
 
-def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str | Path | None = None,
-                 limit: int | float | None = None, batch_size: int = 16, primary: str | None = None,
-                 offline: bool = True, seed: int = 0) -> SuiteResult:
-    if offline:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from lm_eval import evaluator
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise EvalError(f"the lm-eval adapter needs lm-eval with its HF extra ({e}); "
-                        "fix: pip install 'lm-eval[hf]' (or accelerate)") from None
-    if tokenizer is None:
-        raise EvalError("cannot score a model without a tokenizer")
-    names = [tasks] if isinstance(tasks, str) else list(tasks)
-    if include_path is not None and not Path(include_path).is_dir():
-        raise EvalError(f"lm-eval include_path {include_path} is not a directory of task YAMLs")
-    tm = TaskManager(include_path=str(include_path) if include_path is not None else None)
-    unknown = [n for n in names if n not in tm.all_tasks]
-    if unknown:
-        raise EvalError(f"unknown lm-eval task(s) {unknown}; "
-                        f"custom tasks must be YAMLs under include_path ({include_path})")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    t0 = time.perf_counter()
-    out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
-                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed, log_samples=False)
+def set_offline() -> None:
+    """Tell the HF libraries not to reach the network (unless the caller already chose otherwise)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def task_manager(names: list[str], include_path: str | Path | None = None):
+    """An lm-eval ``TaskManager`` that knows ``names``. When every name is a custom task under
+    ``include_path``, lm-eval's own task folder (thousands of YAMLs, seconds to index) is not read."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        tm = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(n in tm.all_tasks for n in names):
+            return tm
+    return TaskManager(include_path=str(include_path) if include_path is not None else None)
+
+
+def parse_results(out: dict, primary: str | None = None) -> dict[str, TaskResult]:
+    """Per task of a ``simple_evaluate`` result: its primary metric (``primary`` when the task
+    reports it, else the first of acc, exact_match, acc_norm, ...), that metric's stderr (binomial
+    when lm-eval gives none) and the sample count."""
     results: dict[str, TaskResult] = {}
     for name, metrics in out["results"].items():
         vals = {k.split(",")[0]: v for k, v in metrics.items()
@@ -67,6 +61,43 @@ def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str 
             se = math.sqrt(vals[key] * (1 - vals[key]) / n) if n and 0 <= vals[key] <= 1 else float("nan")
         results[name] = TaskResult(name, "lm_eval", key, float(vals[key]), float(se), n,
                                    {k: float(v) for k, v in vals.items()})
+    return results
+
+
+def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str | Path | None = None,
+                 limit: int | float | None = None, batch_size: int = 16, primary: str | None = None,
+                 offline: bool = True, seed: int = 0, samples: dict[str, list[int]] | None = None,
+                 num_fewshot: int | None = None, apply_chat_template: bool = False,
+                 gen_kwargs: dict | None = None, model_args: dict | None = None,
+                 tasks_from=None) -> SuiteResult:
+    """``samples``: the document indices to score per task (instead of ``limit``); ``model_args``:
+    extra keyword arguments of lm-eval's ``HFLM``; ``tasks_from``: a ``TaskManager`` to reuse."""
+    if offline:
+        set_offline()
+    try:
+        from lm_eval import evaluator
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise EvalError(f"the lm-eval adapter needs lm-eval with its HF extra ({e}); "
+                        "fix: pip install 'lm-eval[hf]' (or accelerate)") from None
+    if tokenizer is None:
+        raise EvalError("cannot score a model without a tokenizer")
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvalError(f"lm-eval include_path {include_path} is not a directory of task YAMLs")
+    tm = tasks_from if tasks_from is not None else task_manager(names, include_path)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown lm-eval task(s) {unknown}; "
+                        f"custom tasks must be YAMLs under include_path ({include_path})")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
+    t0 = time.perf_counter()
+    out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, samples=samples,
+                                   num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                                   gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                   fewshot_random_seed=seed, log_samples=False)
+    results = parse_results(out, primary)
     if not results:
         raise EvalError(f"lm-eval returned no metrics for {names}")
     combined, cse = combine(results)

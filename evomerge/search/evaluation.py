@@ -61,10 +61,11 @@ class Evaluator(Protocol):
 EvaluatorFactory = Callable[[dict[str, Any]], Evaluator]
 _FACTORIES: dict[str, EvaluatorFactory] = {}
 # modules imported (once) to let a kind register itself when it is first asked for
-_PROVIDERS = {"suite": "evomerge.search.suite_eval"}
+_PROVIDERS = {"suite": "evomerge.search.suite_eval", "lmeval": "evomerge.search.lmeval_eval"}
 # keys of each kind's mapping that are file paths: made absolute when a study is created, so the
 # study works from any directory (a kind registered elsewhere declares its own: ``paths=``)
-_PATH_KEYS: dict[str, tuple[str, ...]] = {"suite": ("suite", "cache_dir"), "weights": ("target",)}
+_PATH_KEYS: dict[str, tuple[str, ...]] = {"suite": ("suite", "cache_dir"), "weights": ("target",),
+                                          "lmeval": ("include_path",)}
 
 
 def register_evaluator(kind: str, *, paths: tuple[str, ...] | None = None

@@ -58,39 +58,12 @@ class SuiteEvaluator:
 
     def _tokenizer(self, ref: str):
         if ref not in self._tokenizers:
-            from transformers import AutoTokenizer
-
-            from evomerge.checkpoint import Checkpoint
-
-            self._tokenizers[ref] = AutoTokenizer.from_pretrained(str(Checkpoint.open(ref).path))
+            self._tokenizers[ref] = load_tokenizer(ref)
         return self._tokenizers[ref]
 
     def model(self, recipe: Recipe):
         """The candidate as a transformers model on ``device`` (weights materialized in memory)."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from evomerge.materialize import materialize_state_dict
-
-        config, state = materialize_state_dict(recipe, device=self.device, dtype=self.dtype)
-        cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"},
-                                   model_type=config["model_type"])
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4
-            from transformers.modeling_utils import no_init_weights
-        # weights are not initialized (they are replaced below); buffers such as rotary
-        # frequencies are computed as usual
-        with no_init_weights(), torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ConfigError(Problem("candidate", f"materialized weights do not fit the model: missing "
-                                      f"{missing[:3]}, unexpected {unexpected[:3]}"))
-        if cfg.tie_word_embeddings:
-            model.tie_weights()
-        return model.eval()
+        return materialize_model(recipe, device=self.device, dtype=self.dtype)
 
     def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
                  limit: int | None = None) -> EvalOutcome:
@@ -112,6 +85,43 @@ class SuiteEvaluator:
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
         return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
+
+
+def load_tokenizer(ref: str):
+    """The tokenizer saved with the model at ``ref``."""
+    from transformers import AutoTokenizer
+
+    from evomerge.checkpoint import Checkpoint
+
+    return AutoTokenizer.from_pretrained(str(Checkpoint.open(ref).path))
+
+
+def materialize_model(recipe: Recipe, *, device: str = "cpu", dtype: str | None = None):
+    """A candidate recipe as a transformers model on ``device`` (weights materialized in memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.materialize import materialize_state_dict
+
+    config, state = materialize_state_dict(recipe, device=device, dtype=dtype)
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"},
+                               model_type=config["model_type"])
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    # weights are not initialized (they are replaced below); buffers such as rotary
+    # frequencies are computed as usual
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ConfigError(Problem("candidate", f"materialized weights do not fit the model: missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}"))
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
 
 
 _DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")

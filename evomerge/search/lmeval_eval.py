@@ -1,0 +1,215 @@
+"""The lm-eval evaluator (``evaluation: {kind: lmeval, tasks: [...], ...}``): a candidate recipe is
+materialized in memory (as by the task-suite evaluator) and scored by lm-eval's ``simple_evaluate``
+through its HF wrapper, on chosen documents of each task.
+
+Splits: each task's evaluation documents are shuffled by a generator seeded with ``seed`` plus a
+stable hash of the task's name; the first ``ceil(held_out * N)`` of that order are the ``held-out``
+split, the rest the ``search`` split (disjoint, identical in every run and process). ``fidelity``
+scores the first ``ceil(fidelity * n)`` documents of a task's shuffled split (so a larger fidelity
+contains a smaller one's documents), ``limit`` caps the documents per task; they are passed to lm-eval
+as ``samples=`` (never ``limit=``).
+
+Reported metrics: each task's primary metric (acc, exact_match, ... as lm-eval reports it) under the
+task's name, and ``combined`` (the mean over tasks).
+
+Options: ``tasks`` (lm-eval task names, required), ``include_path`` (a folder of custom task YAMLs),
+``num_fewshot``, ``apply_chat_template`` (false), ``gen_kwargs`` and ``model_args`` (mappings, passed
+to lm-eval and its ``HFLM``), ``batch_size`` (8), ``held_out`` (0.3), ``seed`` (0), ``device`` (cpu).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError, Problem
+from evomerge.recipe import Recipe, model_refs
+from evomerge.search.evaluation import (
+    SPLITS,
+    EvalOutcome,
+    register_evaluator,
+    worker_name,
+)
+
+_KEYS = {"tasks", "include_path", "num_fewshot", "apply_chat_template", "gen_kwargs", "model_args",
+         "batch_size", "held_out", "seed", "device"}
+
+
+def _name_hash(name: str) -> int:
+    """A hash of a task name that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+
+
+def carve_splits(sizes: dict[str, int], held_out: float, seed: int) -> dict[str, dict[str, list[int]]]:
+    """``{split: {task: shuffled document indices}}``: per task, the held-out split is the first
+    ``ceil(held_out * N)`` indices of a seeded permutation (at least one, leaving at least one for
+    search), the search split the rest."""
+    splits: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
+    for task, n in sizes.items():
+        order = list(range(n))
+        random.Random(seed + _name_hash(task)).shuffle(order)
+        k = min(max(math.ceil(held_out * n), 1), n - 1)
+        splits["held-out"][task], splits["search"][task] = order[:k], order[k:]
+        assert not set(order[:k]) & set(order[k:]), task
+    return splits
+
+
+class LmEvalEvaluator:
+    def __init__(self, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
+                 apply_chat_template: bool = False, gen_kwargs: dict | None = None,
+                 model_args: dict | None = None, batch_size: int = 8, held_out: float = 0.3, seed: int = 0,
+                 device: str = "cpu", task_manager=None, sizes: dict[str, int] | None = None):
+        """``task_manager`` and ``sizes`` (documents per task): as found by the factory (else built)."""
+        from evomerge.evaluate.lmeval import set_offline
+        from evomerge.evaluate.lmeval import task_manager as make_task_manager
+
+        set_offline()
+        self.tasks = list(tasks)
+        self.include_path = include_path
+        self.num_fewshot, self.apply_chat_template = num_fewshot, apply_chat_template
+        self.gen_kwargs, self.model_args = gen_kwargs, model_args
+        self.batch_size, self.held_out, self.seed, self.device = batch_size, held_out, seed, device
+        self.task_manager = task_manager or make_task_manager(self.tasks, include_path)
+        if sizes is None:
+            sizes = task_sizes(self.tasks, self.task_manager)
+        self.sizes = {t: sizes[t] for t in self.tasks}
+        self.splits = carve_splits(self.sizes, held_out, seed)
+        self._tokenizers: dict[str, Any] = {}
+
+    def metric_names(self) -> list[str]:
+        return [*self.tasks, "combined"]
+
+    def split_size(self, split: str) -> int | None:
+        return sum(len(v) for v in self.splits[split].values())
+
+    def samples(self, split: str, fidelity: float = 1.0, limit: int | None = None) -> dict[str, list[int]]:
+        """The document indices scored per task (sorted, as lm-eval walks them in document order)."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        out = {}
+        for task, order in self.splits[split].items():
+            k = len(order) if fidelity >= 1 else max(1, math.ceil(fidelity * len(order)))
+            if limit is not None:
+                k = min(k, max(1, limit))
+            out[task] = sorted(order[:k])
+        return out
+
+    def _tokenizer(self, ref: str):
+        from evomerge.search.suite_eval import load_tokenizer
+
+        if ref not in self._tokenizers:
+            self._tokenizers[ref] = load_tokenizer(ref)
+        return self._tokenizers[ref]
+
+    def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
+                 limit: int | None = None) -> EvalOutcome:
+        from evomerge.evaluate.lmeval import lmeval_score
+        from evomerge.search.suite_eval import materialize_model
+
+        start = time.perf_counter()
+        samples = self.samples(split, fidelity, limit)
+        model = materialize_model(recipe, device=self.device)
+        tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
+        res = lmeval_score(model, tok, self.tasks, include_path=self.include_path, samples=samples,
+                           batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
+                           apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
+                           model_args=self.model_args, tasks_from=self.task_manager)
+        scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
+        n = {name: r.n for name, r in res.tasks.items()} | {"combined": sum(r.n for r in res.tasks.values())}
+        se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
+
+
+def task_sizes(names: list[str], tm) -> dict[str, int]:
+    """Evaluation documents per task; raises :class:`ConfigError` for groups and tasks that fail
+    to load."""
+    try:
+        loaded = tm.load(list(names))
+    except Exception as err:  # noqa: BLE001 - lm-eval raises many kinds (missing data, bad YAML)
+        raise ConfigError(Problem("evaluation.tasks", f"lm-eval cannot build the tasks {names}: {err}",
+                                  "check the task YAMLs and their data files")) from None
+    sizes: dict[str, int] = {}
+    problems = []
+    for name in names:
+        if name in loaded["groups"] or name not in loaded["tasks"]:
+            problems.append(Problem("evaluation.tasks", f"'{name}' is a group of lm-eval tasks",
+                                    "list the group's tasks by name instead"))
+            continue
+        sizes[name] = len(loaded["tasks"][name].eval_docs)
+    if problems:
+        raise ConfigError(problems)
+    return sizes
+
+
+@register_evaluator("lmeval", paths=("include_path",))
+def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
+    """The lm-eval evaluator; every problem of the mapping at once (a :class:`ConfigError`)."""
+    from evomerge.search.evaluation import check_device
+    from evomerge.search.suite_eval import _int
+
+    problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
+                for k in config if k not in _KEYS]
+    tasks = config.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        problems.append(Problem("evaluation.tasks", "required key 'tasks' (a list of lm-eval task names) is missing"
+                                if tasks is None else f"expected a list of lm-eval task names, got {tasks!r}",
+                                "e.g. tasks: [arc_easy] or custom tasks under include_path"))
+        tasks = None
+    include_path = config.get("include_path")
+    if include_path is not None and (not isinstance(include_path, str) or not Path(include_path).is_dir()):
+        problems.append(Problem("evaluation.include_path", f"{include_path!r} is not a folder",
+                                "give the folder holding the custom task YAMLs"))
+        include_path = False  # unusable: task names are not looked up
+    num_fewshot = config.get("num_fewshot")
+    if num_fewshot is not None:
+        num_fewshot = _int(config, "num_fewshot", 0, 0, problems)
+    chat = config.get("apply_chat_template", False)
+    if not isinstance(chat, bool):
+        problems.append(Problem("evaluation.apply_chat_template", f"expected true or false, got {chat!r}"))
+    for key in ("gen_kwargs", "model_args"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            problems.append(Problem(f"evaluation.{key}", f"expected a mapping, got {config[key]!r}",
+                                    "e.g. {max_gen_toks: 16}" if key == "gen_kwargs" else "e.g. {max_length: 512}"))
+    batch_size = _int(config, "batch_size", 8, 1, problems)
+    seed = _int(config, "seed", 0, 0, problems)
+    held_out = config.get("held_out", 0.3)
+    if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 < held_out < 1:
+        problems.append(Problem("evaluation.held_out", f"expected a fraction strictly between 0 and 1, got {held_out!r}",
+                                "e.g. held_out: 0.3 (the share of each task's documents kept for held-out)"))
+    if "device" in config:
+        problems += check_device(config["device"], "evaluation.device")
+    try:
+        import lm_eval.evaluator  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as err:
+        problems.append(Problem("evaluation.kind", f"the lmeval evaluator needs lm-eval with its HF extra ({err})",
+                                "pip install 'lm-eval[hf]'"))
+        raise ConfigError(problems) from None
+    tm = None
+    if tasks is not None and include_path is not False:
+        from evomerge.evaluate.lmeval import set_offline, task_manager
+
+        set_offline()
+        tm = task_manager(tasks, include_path)
+        for name in tasks:
+            if name not in tm.all_tasks:
+                close = difflib.get_close_matches(name, tm.all_tasks, n=3)
+                problems.append(Problem("evaluation.tasks", f"unknown lm-eval task '{name}'",
+                                        f"did you mean: {', '.join(close)}?" if close else
+                                        "custom tasks must be YAMLs under include_path"))
+    if problems:
+        raise ConfigError(problems)
+    sizes = task_sizes(tasks, tm)
+    few = [Problem("evaluation.tasks", f"task '{t}' has {n} document(s); at least 2 are needed "
+                   "(one for each split)") for t, n in sizes.items() if n < 2]
+    if few:
+        raise ConfigError(few)
+    return LmEvalEvaluator(tasks, include_path=include_path, num_fewshot=num_fewshot, apply_chat_template=chat,
+                           gen_kwargs=config.get("gen_kwargs"), model_args=config.get("model_args"),
+                           batch_size=batch_size, held_out=float(held_out), seed=seed,
+                           device=config.get("device", "cpu"), task_manager=tm, sizes=sizes)
