@@ -197,6 +197,8 @@ def test_a_search_whose_every_trial_failed_does_not_pretend_success(tmp_path, wo
     (["--workers", "0"], ["--workers"]), (["--timeout", "0"], ["--timeout"]), (["--timeout", "soon"], ["--timeout"]),
     (["--trials", "0", "--workers", "0", "--limit", "0"], ["--trials", "--workers", "--limit"]),
     (["--ray-max-retries", "-1"], ["--ray-max-retries"]),
+    (["--ray-restart-timeout", "0", "--ray-ping-timeout", "-5", "--ray-start-timeout", "nan"],
+     ["--ray-restart-timeout", "--ray-ping-timeout", "--ray-start-timeout"]),
 ])
 def test_search_refuses_bad_numbers_naming_the_flag(tmp_path, world, capsys, flags, named):
     fam, target, _ = world
@@ -510,3 +512,22 @@ def test_a_missing_database_driver_says_install_it(tmp_path, world, capsys, url,
                     "--storage", url)
     assert code == 2 and "driver is not installed" in err and "pip install" in err and "pw" not in err, err
     assert "server is running" not in err and not out.exists()
+
+
+def test_ray_timeout_flags_reach_the_executor_arguments():
+    """The liveness flags map onto RayExecutor's own argument names (unset flags keep its defaults)."""
+    import argparse
+    import inspect
+
+    from evomerge.search.cli import RAY_TIMEOUT_FLAGS, _add_ray_options, _ray_args
+    from evomerge.workers.ray_executor import RayExecutor
+
+    params = inspect.signature(RayExecutor.__init__).parameters
+    parser = argparse.ArgumentParser()
+    _add_ray_options(parser)
+    assert all(key in params for key, _ in RAY_TIMEOUT_FLAGS)
+    assert not set(_ray_args(parser.parse_args([]))) & {k for k, _ in RAY_TIMEOUT_FLAGS}
+    got = _ray_args(parser.parse_args(["--ray-restart-timeout", "7", "--ray-ping-timeout", "9",
+                                       "--ray-start-timeout", "11"]))
+    assert (got["restart_timeout"], got["ping_timeout"], got["start_timeout"]) == (7.0, 9.0, 11.0)
+    assert set(_ray_args(parser.parse_args([]))) <= set(params)

@@ -86,6 +86,10 @@ def _check_flags(*, trials=None, workers=None, limit=None, timeout: str | None =
         v = ray.get(key)
         if v is not None and not (math.isfinite(v) and v >= 0):
             problems.append(Problem(flag, f"expected a number >= 0, got {v!r}"))
+    for key, flag in RAY_TIMEOUT_FLAGS:
+        v = ray.get(key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            problems.append(Problem(flag, f"expected a number of seconds > 0, got {v!r}"))
     if ray.get("max_retries") is not None and ray["max_retries"] < 0:
         problems.append(Problem("--ray-max-retries", f"expected a whole number >= 0, got {ray['max_retries']!r}"))
     if problems:
@@ -147,12 +151,29 @@ def _add_ray_options(p) -> None:
     g.add_argument("--ray-max-retries", type=int, default=2,
                    help="retries of a candidate whose worker died or ran out of memory (default 2)")
     g.add_argument("--ray-dashboard", action="store_true", help="start the Ray dashboard (local instance)")
+    g.add_argument("--ray-start-timeout", type=float, default=None, metavar="S",
+                   help="seconds a worker may take to start and load its sources (default 600)")
+    g.add_argument("--ray-restart-timeout", type=float, default=None, metavar="S",
+                   help="seconds a lost worker has to come back before it no longer counts "
+                        "(default 60 + twice its first start-up)")
+    g.add_argument("--ray-ping-timeout", type=float, default=None, metavar="S",
+                   help="seconds a busy worker may leave a ping unanswered before it is restarted (default 120)")
+
+
+# RayExecutor liveness arguments settable from the command line (unset flags keep its defaults)
+RAY_TIMEOUT_FLAGS = (("start_timeout", "--ray-start-timeout"), ("restart_timeout", "--ray-restart-timeout"),
+                     ("ping_timeout", "--ray-ping-timeout"))
 
 
 def _ray_args(a) -> dict:
-    return {"address": a.address, "gpus_per_worker": a.ray_gpus_per_worker, "cpus_per_worker": a.ray_cpus_per_worker,
-            "sources": a.ray_sources, "residency": a.ray_residency, "max_retries": a.ray_max_retries,
-            "dashboard": a.ray_dashboard}
+    out = {"address": a.address, "gpus_per_worker": a.ray_gpus_per_worker, "cpus_per_worker": a.ray_cpus_per_worker,
+           "sources": a.ray_sources, "residency": a.ray_residency, "max_retries": a.ray_max_retries,
+           "dashboard": a.ray_dashboard}
+    for key, flag in RAY_TIMEOUT_FLAGS:
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def status_command(study_dir: str, *, as_json: bool = False) -> int:
