@@ -5,14 +5,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-all clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU build of torch from the local wheel cache; a plain `pip install torch` pulls CUDA builds.
-	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch
+	# torch first, so pip never resolves it through another package; TORCH_INDEX picks the index
+	# (e.g. PyTorch's CPU index) where the configured one would give a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+	  || $(BIN)/python -m pip install -q torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
