@@ -59,11 +59,15 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
 def load_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
     """Parse one YAML document from ``path`` (UTF-8); every failure is a :class:`ConfigError` naming
     the file and line. A multi-document file is refused with a message that says so."""
+    return parse_yaml_text(read_text_file(path, what), path, what)
+
+
+def parse_yaml_text(text: str, path: str | Path, what: str = "YAML file") -> Any:
+    """:func:`load_yaml_file` for text already read from ``path`` (named in the errors)."""
     import yaml
 
     from evomerge.errors import ConfigError, Problem
 
-    text = read_text_file(path, what)
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:

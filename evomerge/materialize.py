@@ -388,11 +388,10 @@ def _tokenizer_only_dir(recipe: Recipe, refs: list[str]) -> Path | None:
     """The recipe's ``tokenizer`` as a local folder when it names a folder that holds a tokenizer but
     no weights and no other role in the recipe (it is then not opened as a model)."""
     tok = recipe.tokenizer
-    if not tok or refs.count(tok) != 1 or refs[-1] != tok:
+    if not tok or refs[-1] != tok:  # model_refs lists the tokenizer last, unless it has another role
         return None
     path = Path(tok).expanduser()
-    weights_elsewhere = tok in refs[:-1]
-    if weights_elsewhere or not path.is_dir() or not has_tokenizer(path):
+    if not path.is_dir() or not has_tokenizer(path):
         return None
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return None  # a model: opened and checked like the others

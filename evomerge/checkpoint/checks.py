@@ -9,7 +9,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 def has_tokenizer(path: str | os.PathLike) -> bool:
     """Whether folder ``path`` holds a tokenizer (one of :data:`TOKENIZER_CORE`)."""
     return any((Path(path) / f).is_file() for f in TOKENIZER_CORE)
+
+
+def find_embedding(names: Iterable[str]) -> str | None:
+    """The token embedding among tensor ``names``: the shortest name ending in the first of
+    :data:`EMBED_SUFFIXES` that any name ends in; None when there is none."""
+    for suffix in EMBED_SUFFIXES:
+        hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+        if hits:
+            return min(hits, key=len)
+    return None
 
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -178,8 +188,7 @@ def completeness_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[
             problems.append(f"config.json says {key} = {n_cfg}, but the tensors hold {n_t} layer(s) "
                             f"({main_prefix}.0 to {main_prefix}.{n_t - 1})")
     # embedding, final norm, head
-    embed = next((min((n for n in other if n == s or n.endswith("." + s)), key=len)
-                  for s in EMBED_SUFFIXES if any(n == s or n.endswith("." + s) for n in other)), None)
+    embed = find_embedding(other)
     if embed is None and not any("embed" in n or "wte" in n for n in other):
         problems.append("no token embedding tensor (e.g. 'model.embed_tokens.weight')")
     layer0 = stacks[main_prefix][min(stacks[main_prefix])] if main_prefix is not None else {}

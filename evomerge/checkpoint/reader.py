@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from evomerge.checkpoint.checks import LAYER_KEYS, _config_int, _problem_text, completeness_problems
-from evomerge.checkpoint.names import (DTYPES, EMBED_SUFFIXES, INDEX_FILE, SINGLE_FILE, TIED_HEAD,
+from evomerge.checkpoint.checks import LAYER_KEYS, _config_int, _problem_text, completeness_problems, find_embedding
+from evomerge.checkpoint.names import (DTYPES, INDEX_FILE, SINGLE_FILE, TIED_HEAD,
                                        split_layer_name)
 from evomerge.checkpoint.oserrors import describe_os_error
 from evomerge.errors import CheckpointError
@@ -137,7 +137,7 @@ class Checkpoint:
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         self.model_type: str = str(config.get("model_type", ""))
         self.architectures: list[str] = list(config.get("architectures") or [])
-        self.embedding_name: str | None = self._find_embedding()
+        self.embedding_name: str | None = find_embedding(entries)
         tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
         # transformers leaves lm_head out of the files when tied; a config silent on tying counts as
         # tied when the head is absent and an embedding is present (the class default varies).
@@ -247,13 +247,6 @@ class Checkpoint:
                                   f"e.g. {self.names[:3]}); check the tensor name or the model")
         return entry
 
-    def _find_embedding(self) -> str | None:
-        for suffix in EMBED_SUFFIXES:
-            hits = sorted((n for n in self._entries if n == suffix or n.endswith("." + suffix)), key=len)
-            if hits:
-                return hits[0]
-        return None
-
     def has(self, name: str) -> bool:
         return name in self._entries or (name == TIED_HEAD and self.tie_word_embeddings)
 
@@ -265,14 +258,10 @@ class Checkpoint:
 
     def nbytes(self, name: str) -> int:
         """Stored bytes of ``name`` (a tied ``lm_head.weight``: the embedding's)."""
-        if name not in self._entries and name == TIED_HEAD and self.tie_word_embeddings:
-            name = self.embedding_name  # type: ignore[assignment]
         return self._entry(name).nbytes
 
     def _open(self, name: str) -> tuple[_Entry, int]:
         """``name``'s entry (a tied ``lm_head.weight``: the embedding's) and its shard's cached fd."""
-        if name not in self._entries and name == TIED_HEAD and self.tie_word_embeddings:
-            name = self.embedding_name  # type: ignore[assignment]
         entry = self._entry(name)
         with self._lock:
             fd = self._handles.get(entry.file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
                if made_here else ")"))
     tok = _load_tokenizer(d, name)
     model = _load_weights(d, name, dtype)
-    rows = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else None
+    embeddings = model.get_input_embeddings()
+    rows = embeddings.weight.shape[0] if embeddings is not None else None
     if rows is not None and len(tok) > rows:
         raise EvalError(f"{name}: the tokenizer has {len(tok)} tokens but the model's embedding has {rows} rows, so "
                         f"token ids >= {rows} have no embedding (fix: use the tokenizer of the model the weights "
@@ -57,22 +59,17 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
     return model, tok
 
 
+@contextmanager
 def _quiet_transformers():
     """transformers' own load report and warnings off while loading (evomerge reports problems itself)."""
-    from contextlib import contextmanager
-
     from transformers.utils import logging as hf_logging
 
-    @contextmanager
-    def ctx():
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-
-    return ctx()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _short(err: BaseException, n: int = 400) -> str:

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from evomerge.errors import ConfigError, EvalError, Problem
 
 SPLITS = ("search", "held-out")
@@ -156,10 +155,10 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.exists():
         raise EvalError(f"suite file {path} does not exist (expected a YAML file describing tasks)")
-    from evomerge.io_utils import load_yaml_file, read_text_file
+    from evomerge.io_utils import parse_yaml_text, read_text_file
 
-    raw = load_yaml_file(path, "suite file")
-    text = read_text_file(path, "suite file")
+    text = read_text_file(path, "suite file")  # read once: parsed here, and kept for the suite's hash
+    raw = parse_yaml_text(text, path, "suite file")
     return parse_suite(raw, base_dir=path.parent, source=str(path), text=text, path=path)
 
 
