@@ -26,7 +26,7 @@ The package, one module per concept (every public name is re-exported here):
 * :mod:`~evomerge.checkpoint.device`: :func:`check_device`.
 """
 
-from evomerge.checkpoint.checks import (HIDDEN_KEYS, LAYER_KEYS, check_compatible, check_complete,
+from evomerge.checkpoint.checks import (HIDDEN_KEYS, LAYER_KEYS, check_compatible,
                                         completeness_problems, has_tokenizer)
 from evomerge.checkpoint.checks import _problem_text as _problem_text  # materialize's error text
 from evomerge.checkpoint.device import DEVICE_HINT, check_device
@@ -43,7 +43,7 @@ __all__ = [
     "CONVERT_HINT", "DEVICE_HINT", "DTYPES", "DTYPE_NAMES", "EMBED_SUFFIXES", "HIDDEN_KEYS", "HUB_PATTERNS",
     "INDEX_FILE", "LAYER_KEYS", "OWNER_FILE", "PICKLE_SUFFIXES", "SINGLE_FILE", "SIZE_HINT", "TIED_HEAD",
     "TOKENIZER_CORE", "TOKENIZER_FILES", "Checkpoint", "CheckpointWriter", "TensorSpec", "check_compatible",
-    "check_complete", "check_device", "check_output_path", "completeness_problems", "describe_os_error",
+    "check_device", "check_output_path", "completeness_problems", "describe_os_error",
     "has_tokenizer", "layer_tensor_name", "os_error_hint", "parse_size", "remove_stale_temps",
     "split_layer_name",
 ]

@@ -252,11 +252,6 @@ def _problem_text(head: str, problems: list[str], fix: str, limit: int = 12) -> 
     return f"{head} ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in shown) + f"\n  (fix: {fix})"
 
 
-def check_complete(ckpt: Checkpoint) -> None:
-    """:meth:`Checkpoint.verify` as a function."""
-    ckpt.verify()
-
-
 def check_compatible(ckpts: Mapping[str, Checkpoint]) -> None:
     """Raise :class:`IncompatibleModelsError` unless all models share architecture, tensors and shapes.
 
