@@ -19,8 +19,8 @@ from evomerge.errors import ConfigError, EvomergeError, Problem
 from evomerge.search import dims as D
 from evomerge.search.dfs import DFSSpace
 from evomerge.search.evaluation import Evaluator, check_device, make_evaluator
-from evomerge.search.objectives import COSTS, study_directions
-from evomerge.search.optimizers import make_sampler
+from evomerge.search.objectives import COSTS, ModelSize, model_size, study_directions
+from evomerge.search.optimizers import make_sampler, pycma_option_problem, pycma_options
 from evomerge.search.paths import PS_WINNER
 from evomerge.search.space import SearchSpace, SpaceParts, load_space
 
@@ -83,25 +83,20 @@ def _optimizer_problems(parts: SpaceParts) -> list[Problem]:
         return problems
     if n_obj > 1:
         return []  # the file check says so already
-    import cma
-    import numpy as np
+    import warnings
 
-    bad = [k for k in cfg.options if k not in cma.CMAOptions()]
-    if bad:
-        return [Problem(f"{src}: optimizer.options", f"unknown pycma option(s): {', '.join(map(str, bad))}",
-                        "see `python -c 'import cma; print(cma.CMAOptions())'`")]
+    import cma
+
+    bad = pycma_option_problem(cfg, f"{src}: optimizer.options")
+    if bad is not None:
+        return [bad]
     for stage, sp in parts.stage_spaces().items():
         dims = sp.dims()
         if len(dims) < 2:
             problems.append(Problem(f"{src}: optimizer.name", f"pycma needs at least 2 search dimensions, the "
                                     f"{stage} stage has {len(dims)}", "search more parameters, or use tpe / random"))
             continue
-        opts = {**cfg.options, "bounds": [0.0, 1.0], "seed": float("nan"),
-                "randn": np.random.RandomState(cfg.seed).randn, "verb_log": 0, "verbose": -9, "verb_disp": 0}
-        if cfg.popsize:
-            opts["popsize"] = cfg.popsize
-        import warnings
-
+        opts = pycma_options(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -122,7 +117,7 @@ def _optimizer_problems(parts: SpaceParts) -> list[Problem]:
 
 
 def _space_checks(evaluator_factory: Callable[[], Evaluator] | None, probes: list[Evaluator], *,
-                  local: bool) -> Callable[[SpaceParts], list[Problem]]:
+                  local: bool, opened: dict[str, Any] | None = None) -> Callable[[SpaceParts], list[Problem]]:
     """The checks of a space beyond its file (see :func:`check_space`); a built evaluator goes to ``probes``."""
 
     def checks(parts: SpaceParts) -> list[Problem]:
@@ -157,7 +152,7 @@ def _space_checks(evaluator_factory: Callable[[], Evaluator] | None, probes: lis
                 problems += check_device(parts.evaluation["device"], f"{src}: evaluation.device", local=True)
         if parts.optimizer is not None and parts.objectives:
             problems += _optimizer_problems(parts)
-        problems += source_problems(parts)
+        problems += source_problems(parts, opened)
         return _dedupe(problems)
 
     return checks
@@ -170,8 +165,18 @@ def check_space(path: str | Path, *, evaluator_factory: Callable[[], Evaluator] 
     it reports, the sampler and its options, and the sources' compatibility. Returns the space and
     the evaluator built to check it (the run's first evaluator). ``local``: candidates are scored in
     this process (a CUDA device asked for must be here)."""
+    from evomerge.checkpoint import Checkpoint
+
     probes: list[Evaluator] = []
-    space = load_space(path, base_dirs=base_dirs, checks=_space_checks(evaluator_factory, probes, local=local))
+    opened: dict[str, Checkpoint] = {}  # each source opened once: for its size, then its tensors
+
+    def sizes(ref: str) -> ModelSize:
+        if ref not in opened:
+            opened[ref] = Checkpoint.open(ref)
+        return model_size(ref, opened[ref])
+
+    space = load_space(path, base_dirs=base_dirs, sizes=sizes,
+                       checks=_space_checks(evaluator_factory, probes, local=local, opened=opened))
     return space, probes[0]
 
 
@@ -182,15 +187,16 @@ _COMPAT_HINT = ("merge only models of one architecture and size (e.g. fine-tunes
                 "replace the model that differs")
 
 
-def source_problems(parts: SpaceParts) -> list[Problem]:
+def source_problems(parts: SpaceParts, opened: dict[str, Any] | None = None) -> list[Problem]:
     """Every stage's models checked against each other from their headers (no weights read): a PS
     stage's base and sources must share architecture, tensor names and shapes and vocabulary; a DFS
     stage's models must have layers of the embed model's tensor names and shapes, and the embed and
-    head models one vocabulary. Each problem names the models and the tensor."""
+    head models one vocabulary. Each problem names the models and the tensor. ``opened``: checkpoints
+    already open, by reference (those opened here are added)."""
     from evomerge.checkpoint import Checkpoint, check_compatible
 
     problems: list[Problem] = []
-    opened: dict[str, Checkpoint] = {}
+    opened = {} if opened is None else opened
 
     def ck(ref: str, where: str) -> Checkpoint | None:
         if ref not in opened:

@@ -35,7 +35,7 @@ from evomerge.io_utils import atomic_write_text
 from evomerge.search.checks import check_options, check_space
 from evomerge.search.evaluation import Evaluator
 from evomerge.search.new_study import StartUndo, check_names_free, check_new_study_dir, make_dirs
-from evomerge.search.objectives import study_directions
+from evomerge.search.objectives import study_directions, study_metric_names
 from evomerge.search.paths import study_bases
 from evomerge.search.space import SearchSpace, load_space
 from evomerge.search.stages import StudyRun
@@ -120,7 +120,7 @@ def start_search(space_path: str | Path, study_dir: str | Path | None = None, *,
         have = check_names_free(st, meta.storage, names, study_dir)
         start.stage_names, start.names = names, [n for n in names if n not in have]
         directions = study_directions(list(space.objectives))
-        metric_names = [o.name for o in space.objectives] if len(directions) == len(space.objectives) else None
+        metric_names = study_metric_names(list(space.objectives))
         for n in names:  # every stage's study now: a later stage's exists before it starts
             create_or_load(st, n, directions, None, metric_names)
         atomic_write_text(study_dir / SPACE_FILE, yaml.safe_dump(space.data, sort_keys=False))
@@ -138,21 +138,24 @@ def start_search(space_path: str | Path, study_dir: str | Path | None = None, *,
         lock.release()
 
 
-def open_study_space(study_dir: Path, **kw: Any) -> SearchSpace:
-    """The study's space.yaml loaded (relative paths of older studies: see :func:`study_bases`)."""
+def _space_file(study_dir: Path) -> Path:
+    """The study's space.yaml, which must exist."""
     path = Path(study_dir) / SPACE_FILE
     if not path.is_file():
         raise StudyError(f"{study_dir} has no {SPACE_FILE}; it was not created by `evomerge search`")
-    return load_space(path, base_dirs=study_bases(Path(study_dir)), **kw)
+    return path
+
+
+def open_study_space(study_dir: Path, **kw: Any) -> SearchSpace:
+    """The study's space.yaml loaded (relative paths of older studies: see :func:`study_bases`)."""
+    return load_space(_space_file(study_dir), base_dirs=study_bases(Path(study_dir)), **kw)
 
 
 def _open_existing(study_dir: Path, meta: StudyMeta, *, evaluator_factory, local: bool):
     """The study's storage (which must hold it) and its space, checked as a start checks it."""
     st = open_storage(meta.storage, create=False)
     check_study_exists(st, meta, study_dir)
-    if not (study_dir / SPACE_FILE).is_file():
-        raise StudyError(f"{study_dir} has no {SPACE_FILE}; it was not created by `evomerge search`")
-    space, probe = check_space(study_dir / SPACE_FILE, evaluator_factory=evaluator_factory,
+    space, probe = check_space(_space_file(study_dir), evaluator_factory=evaluator_factory,
                                base_dirs=study_bases(study_dir), local=local)
     return st, space, probe
 

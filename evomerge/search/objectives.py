@@ -40,6 +40,12 @@ def study_directions(objectives: list[Objective]) -> list[str]:
     return ["maximize"] if is_scalarized(objectives) else [o.direction for o in objectives]
 
 
+def study_metric_names(objectives: list[Objective]) -> list[str] | None:
+    """Names of the Optuna study's values: one per objective, None when they are scalarized into one."""
+    names = [o.name for o in objectives]
+    return names if len(study_directions(list(objectives))) == len(names) else None
+
+
 def scalarize(objectives: list[Objective], values: dict[str, float]) -> float:
     return sum(o.weight * o.sign * values[o.name] for o in objectives)
 
@@ -74,11 +80,13 @@ class ModelSize:
 
 
 @functools.lru_cache(maxsize=64)
-def model_size(ref: str) -> ModelSize:
-    """Parameter counts of a checkpoint, from its safetensors headers (no weights read)."""
+def model_size(ref: str, ck=None) -> ModelSize:
+    """Parameter counts of a checkpoint, from its safetensors headers (no weights read); ``ck``: the
+    checkpoint of ``ref`` when already open."""
     from evomerge.checkpoint import Checkpoint, split_layer_name
 
-    ck = Checkpoint.open(ref)
+    if ck is None:
+        ck = Checkpoint.open(ref)
     layers = [0] * ck.num_layers
     other = 0
     for name in ck.names:

@@ -34,6 +34,28 @@ CMA_STATE = "cma_state"
 _QUIET = {"verb_log": 0, "verbose": -9, "verb_disp": 0}
 
 
+def pycma_option_problem(cfg: OptimizerConfig, where: str) -> Problem | None:
+    """The problem of ``optimizer.options`` naming options pycma does not know (located at ``where``)."""
+    import cma
+
+    bad = [k for k in cfg.options if k not in cma.CMAOptions()]
+    if not bad:
+        return None
+    return Problem(where, f"unknown pycma option(s): {', '.join(map(str, bad))}",
+                   "see `python -c 'import cma; print(cma.CMAOptions())'`")
+
+
+def pycma_options(cfg: OptimizerConfig) -> dict[str, Any]:
+    """The options a :class:`cma.CMAEvolutionStrategy` of ``cfg`` is built with."""
+    # a private RandomState (pickled with the strategy), not numpy's global one: nothing else
+    # drawing random numbers can change the proposals, and a resumed run continues the stream
+    rng = np.random.RandomState(cfg.seed)
+    opts = {**cfg.options, "bounds": [0.0, 1.0], "seed": float("nan"), "randn": rng.randn, **_QUIET}
+    if cfg.popsize:
+        opts["popsize"] = cfg.popsize
+    return opts
+
+
 class PyCMA:
     """pycma ask/tell over the unit cube, persisted in the study after every ``tell``."""
 
@@ -48,17 +70,10 @@ class PyCMA:
                 raise ConfigError(Problem("optimizer", f"the stored CMA-ES state has {self.es.N} dimensions, "
                                           f"the search space {n_dims}", "resume with the study's own space.yaml"))
             return
-        known = cma.CMAOptions()
-        bad = [k for k in cfg.options if k not in known]
-        if bad:
-            raise ConfigError(Problem("optimizer.options", f"unknown pycma option(s): {', '.join(bad)}",
-                                      "see `python -c 'import cma; print(cma.CMAOptions())'`"))
-        # a private RandomState (pickled with the strategy), not numpy's global one: nothing else
-        # drawing random numbers can change the proposals, and a resumed run continues the stream
-        rng = np.random.RandomState(cfg.seed)
-        opts = {**cfg.options, "bounds": [0.0, 1.0], "seed": float("nan"), "randn": rng.randn, **_QUIET}
-        if cfg.popsize:
-            opts["popsize"] = cfg.popsize
+        problem = pycma_option_problem(cfg, "optimizer.options")
+        if problem is not None:
+            raise ConfigError(problem)
+        opts = pycma_options(cfg)
         if n_dims < 2:
             raise ConfigError(Problem("optimizer.name", f"pycma needs at least 2 search dimensions, the space has "
                                       f"{n_dims}", "search more parameters, or use tpe / random"))

@@ -26,7 +26,7 @@ from evomerge.errors import StudyError
 from evomerge.recipe import DataFlowRecipe, PathStep, Recipe, parse_recipe, recipe_to_yaml
 from evomerge.search import dims as D
 from evomerge.search.evaluation import Evaluator, make_evaluator
-from evomerge.search.objectives import study_directions, utility
+from evomerge.search.objectives import study_directions, study_metric_names, utility
 from evomerge.search.optimizers import PyCMA, make_sampler
 from evomerge.search.pareto import front_trials
 from evomerge.search.paths import PS_WINNER
@@ -93,10 +93,9 @@ class StudyRun:
         return self.deadline is None or time.monotonic() < self.deadline
 
     def stage_study(self, stage: str, sampler=None):
-        names = [o.name for o in self.space.objectives]
-        metric_names = names if len(study_directions(list(self.space.objectives))) == len(names) else None
-        return create_or_load(self.storage, self.meta.study_name(stage),
-                              study_directions(list(self.space.objectives)), sampler, metric_names)
+        objectives = list(self.space.objectives)
+        return create_or_load(self.storage, self.meta.study_name(stage), study_directions(objectives), sampler,
+                              study_metric_names(objectives))
 
     def rungs(self, study) -> tuple[float, ...]:
         stored = get_attr(study, "rungs")
