@@ -22,12 +22,12 @@ from evomerge.search.cli import search_command
 from evomerge.search.evaluation import WeightDistanceEvaluator
 from evomerge.search.study import read_meta
 from evomerge.workers.base import Job
+from conftest import local_ray
 from test_search_support import family, ps_space, target_model, write_space
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
 DELAY = 0.5  # seconds per candidate of the slow evaluator: long enough to kill a worker mid-candidate
 
 
@@ -43,12 +43,7 @@ def _slow(target: str, device: str) -> SlowWeights:
 
 @pytest.fixture(scope="module")
 def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "RAY_AUTH_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", runtime_env={"env_vars": env})
+    local_ray(num_cpus=2, num_gpus=2)
     yield
     ray.shutdown()
 

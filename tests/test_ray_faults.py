@@ -314,13 +314,9 @@ def _hangs_on_restart(target: str, marker: str, device: str):
 @pytest.fixture(scope="module")
 def cluster():
     import ray
+    from conftest import local_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "RAY_AUTH_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": env})
+    local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -463,15 +459,14 @@ def nodes():
     """A head without CPUs and two 1-CPU nodes on this machine: one worker per node, so a node can
     be lost like a remote one (the module's cluster is shut down first: one Ray per process)."""
     import ray
+    from conftest import local_ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [c.add_node(num_cpus=1), c.add_node(num_cpus=1)]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "RAY_AUTH_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    ray.init(address=c.address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": env})
+    local_ray(address=c.address)
     c.wait_for_nodes()
     yield c, workers
     ray.shutdown()

@@ -53,27 +53,12 @@ from typing import Any, Callable
 from evomerge.errors import ConfigError, Problem, RunInterrupted
 from evomerge.workers.base import Job, JobResult
 
-# the names this module held before it was split (noqa F401) stay importable from here
-from evomerge.workers.ray_actor import _mkdir, _relocate, _Worker  # noqa: F401
-from evomerge.workers.ray_connection import (  # noqa: F401
-    _descendants,
-    _kill_local,
-    _kill_strays,
-    _link_logs,
-    _local_processes,
-    connect,
-)
+from evomerge.workers.ray_actor import _Worker
+from evomerge.workers.ray_connection import _descendants, _kill_local, _kill_strays, _local_processes, connect
 from evomerge.workers.ray_dispatch import _Dispatcher
-from evomerge.workers.ray_errors import (  # noqa: F401
-    _ANSI,
-    _INFRA_TEXT,
-    OOM,
-    _last_line,
-    _lost_errors,
-    _reason,
-)
-from evomerge.workers.ray_state import _Loss, _Pending, _Slot  # noqa: F401
-from evomerge.workers.ray_watchdog import _gcs_client, _gcs_dead_nodes, _Watchdog  # noqa: F401
+from evomerge.workers.ray_errors import _lost_errors
+from evomerge.workers.ray_state import _Pending, _Slot
+from evomerge.workers.ray_watchdog import _Watchdog
 
 SOURCE_MODES = ("shared", "object-store")
 
@@ -201,7 +186,6 @@ class RayExecutor(_Dispatcher, _Watchdog):
             t = threading.Thread(target=target, name=f"evomerge-ray-{name}", daemon=True)
             self._threads.append(t)
             t.start()
-        self._thread = self._threads[0]
 
     @staticmethod
     def _prepare(evaluation: dict | None) -> dict | None:

@@ -130,18 +130,7 @@ class _Watchdog:
             if self._stop or self._broken is not None:
                 return
             now = time.monotonic()
-            reason = None
-            for name, proc in self._local_procs:
-                rc = proc.poll()
-                if rc is not None:
-                    how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-                    reason = f"the local Ray instance's {name} (pid {proc.pid}) {how}"
-                    if name == "raylet":
-                        reason += (": the node and its workers are gone (a raylet also stops when its "
-                                   "dashboard agent or runtime-env agent dies)")
-                    break
-            if reason is None and self._node_dead:
-                reason = self._node_dead
+            reason = self._local_exit() or self._node_dead
             if reason is None and not self._threads[0].is_alive():
                 reason = "the Ray dispatcher thread ended unexpectedly"
             if reason is None and now - self._beat > self.stall_timeout:
@@ -154,6 +143,20 @@ class _Watchdog:
             if reason is not None:
                 self._break(reason)
                 return
+
+    def _local_exit(self) -> str | None:
+        """Why the local instance this executor started is gone (a process of it exited), or None."""
+        for name, proc in self._local_procs:
+            rc = proc.poll()
+            if rc is None:
+                continue
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            reason = f"the local Ray instance's {name} (pid {proc.pid}) {how}"
+            if name == "raylet":
+                reason += (": the node and its workers are gone (a raylet also stops when its "
+                           "dashboard agent or runtime-env agent dies)")
+            return reason
+        return None
 
     def _probe(self) -> None:
         """Asks the GCS every few seconds which nodes are alive (with a timeout): a GCS that does
