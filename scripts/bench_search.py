@@ -30,8 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from evomerge.search.evaluation import EvalOutcome  # noqa: E402  (evomerge.search first: import order)
-from evomerge.search.suite_eval import SuiteEvaluator  # noqa: E402
+from evomerge.evaluate.evaluators import EvalOutcome  # noqa: E402  (evomerge.search first: import order)
+from evomerge.evaluate.suite_eval import SuiteEvaluator  # noqa: E402
 
 
 class DiskSuiteEvaluator(SuiteEvaluator):
@@ -59,7 +59,7 @@ def naive_factory(evaluation: dict, device: str) -> DiskSuiteEvaluator:
 
 
 def resident_factory(evaluation: dict, device: str):
-    from evomerge.workers.resident_eval import worker_evaluator
+    from evomerge.evaluate.resident import worker_evaluator
 
     return worker_evaluator(evaluation, device=device)
 

@@ -19,7 +19,7 @@ from evomerge.cli import main
 from evomerge.evaluate import lmeval_score
 from evomerge.recipe import parse_recipe
 from evomerge.search import start_search
-from evomerge.search.evaluation import make_evaluator
+from evomerge.evaluate.evaluators import make_evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "evals" / "zoo"

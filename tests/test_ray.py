@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from evomerge.recipe import parse_recipe
 from evomerge.search import resume_search, start_search
 from evomerge.search.cli import search_command
-from evomerge.search.evaluation import WeightDistanceEvaluator
+from evomerge.evaluate.evaluators import WeightDistanceEvaluator
 from evomerge.search.study import read_meta
 from evomerge.workers.base import Job
 from conftest import local_ray

@@ -288,7 +288,7 @@ DELAY = 1.0  # seconds per candidate of the slow evaluators: long enough to act 
 
 
 def _slow_weights(target: str, device: str):
-    from evomerge.search.evaluation import WeightDistanceEvaluator
+    from evomerge.evaluate.evaluators import WeightDistanceEvaluator
 
     class Slow(WeightDistanceEvaluator):
         def evaluate(self, recipe, **kw):

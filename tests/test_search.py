@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from evomerge.errors import ConfigError, StudyError
 from evomerge.recipe import load_recipe
 from evomerge.search import export_recipe, resume_search, start_search, status
-from evomerge.search.evaluation import WeightDistanceEvaluator
+from evomerge.evaluate.evaluators import WeightDistanceEvaluator
 from evomerge.search.study import read_meta
 from test_search_support import TARGET_WEIGHTS, family, ps_space, target_model, write_space
 

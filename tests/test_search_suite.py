@@ -13,7 +13,7 @@ from evomerge.evaluate.engine import Scorer
 from evomerge.evaluate.suite import load_suite
 from evomerge.recipe import DataFlowRecipe, PathStep, parse_recipe
 from evomerge.search import start_search
-from evomerge.search.evaluation import make_evaluator
+from evomerge.evaluate.evaluators import make_evaluator
 from test_search_support import family, write_space
 
 

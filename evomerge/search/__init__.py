@@ -2,7 +2,7 @@
 
 The path: ``space.load_space`` (YAML -> :class:`SearchSpace`: PS / DFS spaces with their
 dimensions) -> an optimizer proposes points (``optimizers``: pycma or an Optuna sampler) ->
-``<space>.decode(params)`` -> recipe -> scored by an executor's evaluator (``evaluation``,
+``<space>.decode(params)`` -> recipe -> scored by an executor's evaluator (:mod:`evomerge.evaluate.evaluators`,
 :mod:`evomerge.workers`) -> recorded in the Optuna study (``study``) -> Pareto front (``pareto``)
 -> held-out re-score, report and export (``driver``, ``report``).
 """
@@ -13,8 +13,6 @@ import importlib
 # pay for optuna, pycma and the driver (~2 s) when it does not search.
 _EXPORTS = {
     "SearchResult": "driver", "rescore_study": "driver", "resume_search": "driver", "start_search": "driver",
-    "EvalOutcome": "evaluation", "Evaluator": "evaluation", "make_evaluator": "evaluation",
-    "register_evaluator": "evaluation",
     "export_recipe": "report", "format_status": "report", "status": "report", "write_report": "report",
     "SearchSpace": "space", "load_space": "space", "parse_space": "space",
 }

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from evomerge.errors import ConfigError, EvomergeError, Problem
 from evomerge.search import dims as D
 from evomerge.search.dfs import DFSSpace
-from evomerge.search.evaluation import Evaluator, check_device, make_evaluator
+from evomerge.evaluate.evaluators import Evaluator, check_device, make_evaluator
 from evomerge.search.objectives import COSTS, ModelSize, model_size, study_directions
 from evomerge.search.optimizers import make_sampler, pycma_option_problem, pycma_options
 from evomerge.search.paths import PS_WINNER

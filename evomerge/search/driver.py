@@ -33,7 +33,7 @@ import yaml
 from evomerge.errors import ConfigError, Problem, StudyError
 from evomerge.io_utils import atomic_write_text
 from evomerge.search.checks import check_options, check_space
-from evomerge.search.evaluation import Evaluator
+from evomerge.evaluate.evaluators import Evaluator
 from evomerge.search.new_study import StartUndo, check_names_free, check_new_study_dir, make_dirs
 from evomerge.search.objectives import study_directions, study_metric_names
 from evomerge.search.paths import study_bases

@@ -45,7 +45,7 @@ def resolve_path(value: str, base_dirs: list[Path] | None = None) -> str:
 
 def resolve_evaluation(evaluation: dict[str, Any], base_dirs: list[Path] | None = None) -> dict[str, Any]:
     """The ``evaluation:`` mapping with the evaluator kind's file paths made absolute."""
-    from evomerge.search.evaluation import evaluator_kind, evaluator_path_keys
+    from evomerge.evaluate.evaluators import evaluator_kind, evaluator_path_keys
 
     out = dict(evaluation)
     for key in evaluator_path_keys(evaluator_kind(out)):

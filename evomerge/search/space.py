@@ -37,7 +37,7 @@ A search space file::
 
 Model references resolve like recipe references: relative paths against the current directory
 (``base_dirs`` of :func:`load_space` changes that), and so do the file paths of the ``evaluation:``
-mapping (``suite``, ``cache_dir``, ``target``: see :func:`evomerge.search.evaluation.evaluator_path_keys`).
+mapping (``suite``, ``cache_dir``, ``target``: see :func:`evomerge.evaluate.evaluators.evaluator_path_keys`).
 The normalized mapping (``SearchSpace.data``, what a study folder's ``space.yaml`` holds) has every
 one of them absolute, so a study works from any directory.
 

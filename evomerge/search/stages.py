@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from evomerge.errors import StudyError
 from evomerge.recipe import DataFlowRecipe, PathStep, Recipe, parse_recipe, recipe_to_yaml
 from evomerge.search import dims as D
-from evomerge.search.evaluation import Evaluator, make_evaluator
+from evomerge.evaluate.evaluators import Evaluator, make_evaluator
 from evomerge.search.objectives import study_directions, study_metric_names, utility
 from evomerge.search.optimizers import PyCMA, make_sampler
 from evomerge.search.pareto import front_trials

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from evomerge.recipe import Recipe
-from evomerge.search.evaluation import EvalOutcome, Evaluator, worker_name
+from evomerge.evaluate.evaluators import EvalOutcome, Evaluator, worker_name
 
 
 @dataclass(frozen=True)

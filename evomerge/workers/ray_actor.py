@@ -27,7 +27,7 @@ class _Worker:
         if factory is not None:
             self.evaluator = factory(self.device)
         else:
-            from evomerge.workers.resident_eval import worker_evaluator
+            from evomerge.evaluate.resident import worker_evaluator
 
             self.evaluator = worker_evaluator(evaluation, device=self.device, residency=residency,
                                               fused=fused, suite=suite)

@@ -1,7 +1,7 @@
 """Candidates scored on Ray actors: one resident worker per GPU (or per CPU slot), fault tolerant.
 
 Each actor builds its evaluator once from the search space's ``evaluation:`` mapping
-(:func:`evomerge.workers.resident_eval.worker_evaluator`): the sources are read once onto its device
+(:func:`evomerge.evaluate.resident.worker_evaluator`): the sources are read once onto its device
 and every candidate is materialized into a reused in-memory model, scored, and sent back as a
 :class:`~evomerge.workers.base.JobResult`. :class:`RayExecutor` implements the driver's executor
 protocol (``capacity``, ``submit`` -> ``Future``, ``shutdown``): a dispatcher thread hands each
@@ -162,7 +162,7 @@ class RayExecutor(_Dispatcher, _Watchdog):
         suite = None
         if sources == "object-store" and evaluation is not None and evaluation.get("kind", "suite") == "suite" \
                 and "suite" in evaluation:
-            from evomerge.search.suite_eval import _suite_factory
+            from evomerge.evaluate.suite_eval import _suite_factory
 
             suite = ray.put(_suite_factory({k: v for k, v in evaluation.items() if k != "kind"}).suite)
         # max_concurrency=2: ``info`` answers in a second thread while ``run`` is busy (the

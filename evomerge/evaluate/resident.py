@@ -24,7 +24,7 @@ import torch
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.recipe import Recipe, model_refs
-from evomerge.search.suite_eval import SuiteEvaluator
+from evomerge.evaluate.suite_eval import SuiteEvaluator
 
 RESIDENCIES = ("device", "host")
 
@@ -174,8 +174,8 @@ def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str 
                      fused: bool | None = None, suite=None):
     """The evaluator a worker builds from the space's ``evaluation:`` mapping: the suite evaluator
     with resident sources; any other kind as the registry builds it (on ``device`` when it takes one)."""
-    from evomerge.search.evaluation import evaluator_kind, make_evaluator
-    from evomerge.search.suite_eval import _suite_factory
+    from evomerge.evaluate.evaluators import evaluator_kind, make_evaluator
+    from evomerge.evaluate.suite_eval import _suite_factory
 
     config = {k: v for k, v in evaluation.items() if k != "kind"}
     dev = config.get("device") or device

@@ -24,7 +24,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import Recipe, model_refs, recipe_hash
-from evomerge.search.evaluation import EvalOutcome, register_evaluator, worker_name
+from evomerge.evaluate.evaluators import EvalOutcome, register_evaluator, worker_name
 
 _KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir"}
 
@@ -140,7 +140,7 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
     """The suite evaluator; every problem of the mapping at once (a :class:`ConfigError`), and the
     suite file's own problems (missing, invalid, data files) as the suite loader reports them."""
     from evomerge.errors import EvalError
-    from evomerge.search.evaluation import check_device
+    from evomerge.evaluate.evaluators import check_device
 
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
                 for k in config if k not in _KEYS]

@@ -29,7 +29,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import Recipe, model_refs
-from evomerge.search.evaluation import (
+from evomerge.evaluate.evaluators import (
     SPLITS,
     EvalOutcome,
     register_evaluator,
@@ -100,7 +100,7 @@ class LmEvalEvaluator:
         return out
 
     def _tokenizer(self, ref: str):
-        from evomerge.search.suite_eval import load_tokenizer
+        from evomerge.evaluate.suite_eval import load_tokenizer
 
         if ref not in self._tokenizers:
             self._tokenizers[ref] = load_tokenizer(ref)
@@ -109,7 +109,7 @@ class LmEvalEvaluator:
     def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
                  limit: int | None = None) -> EvalOutcome:
         from evomerge.evaluate.lmeval import lmeval_score
-        from evomerge.search.suite_eval import materialize_model
+        from evomerge.evaluate.suite_eval import materialize_model
 
         start = time.perf_counter()
         samples = self.samples(split, fidelity, limit)
@@ -149,8 +149,8 @@ def task_sizes(names: list[str], tm) -> dict[str, int]:
 @register_evaluator("lmeval", paths=("include_path",))
 def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
     """The lm-eval evaluator; every problem of the mapping at once (a :class:`ConfigError`)."""
-    from evomerge.search.evaluation import check_device
-    from evomerge.search.suite_eval import _int
+    from evomerge.evaluate.evaluators import check_device
+    from evomerge.evaluate.suite_eval import _int
 
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
                 for k in config if k not in _KEYS]

@@ -12,7 +12,7 @@ and a larger fraction contains a smaller one) and at most ``limit`` items per ta
 
 Evaluators are built from the search space's ``evaluation:`` mapping by the factory registered for
 its ``kind`` (:func:`register_evaluator`), once per worker, so a Ray worker can build its own. The
-task-suite evaluator (kind ``suite``) is :mod:`evomerge.search.suite_eval`; ``weights`` (below)
+task-suite evaluator (kind ``suite``) is :mod:`evomerge.evaluate.suite_eval`; ``weights`` (below)
 is built in.
 """
 
@@ -61,7 +61,7 @@ class Evaluator(Protocol):
 EvaluatorFactory = Callable[[dict[str, Any]], Evaluator]
 _FACTORIES: dict[str, EvaluatorFactory] = {}
 # modules imported (once) to let a kind register itself when it is first asked for
-_PROVIDERS = {"suite": "evomerge.search.suite_eval", "lmeval": "evomerge.search.lmeval_eval"}
+_PROVIDERS = {"suite": "evomerge.evaluate.suite_eval", "lmeval": "evomerge.evaluate.lmeval_eval"}
 # keys of each kind's mapping that are file paths: made absolute when a study is created, so the
 # study works from any directory (a kind registered elsewhere declares its own: ``paths=``)
 _PATH_KEYS: dict[str, tuple[str, ...]] = {"suite": ("suite", "cache_dir"), "weights": ("target",),
@@ -267,10 +267,8 @@ def _weights_factory(config: dict[str, Any]) -> Evaluator:
         problems += check_device(config["device"], "evaluation.device")
     if problems:
         raise ConfigError(problems)
-    from evomerge.search.paths import resolve_ref
-
     try:
-        return WeightDistanceEvaluator(resolve_ref(config["target"]), config.get("groups"),
+        return WeightDistanceEvaluator(config["target"], config.get("groups"),
                                        config.get("device", "cpu"))
     except EvomergeError as err:
         raise ConfigError(Problem("evaluation.target", f"cannot open the target model: {err}")) from None
