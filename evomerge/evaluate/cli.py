@@ -133,17 +133,53 @@ def format_results(results: list[SuiteResult], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def parse_vllm_options(pairs: list[str] | dict | None) -> dict:
+    """``["kv_cache_gb=2", ...]`` (``--vllm-option``) as a mapping, values read as YAML scalars."""
+    import yaml
+
+    if pairs is None or isinstance(pairs, dict):
+        return dict(pairs or {})
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EvalError(f"--vllm-option {pair!r} is not KEY=VALUE (e.g. --vllm-option kv_cache_gb=2)")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _flag(where: str) -> str:
+    """A backend problem's location as the ``evomerge eval`` flag that set it."""
+    if where == "vllm":
+        return "--vllm-option"
+    return "--vllm-option " + where[len("vllm."):] if where.startswith("vllm.") else where
+
+
 def eval_command(model_dir: str, suite_paths: list[str], split: str = "search", limit: int | None = None,
-                 device: str = "cpu", batch_size: int = 64, out=None) -> int:
+                 device: str = "cpu", batch_size: int = 64, out=None, backend: str = "hf",
+                 vllm_options: list[str] | dict | None = None) -> int:
     """What ``evomerge eval`` runs. Returns the exit status (2 on any EvomergeError, message on stderr)."""
+    from evomerge.evaluate.backends import backend_problems, make_backend
+
+    scoring = None
     try:
         for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise EvalError(f"{flag} must be a whole number >= 1, got {value!r}")
+        options = parse_vllm_options(vllm_options)
+        problems = backend_problems(backend, options or None, "--backend")
+        if problems:
+            raise EvalError("; ".join(f"{_flag(p.where)}: {p.message}"
+                                      + (f" (fix: {p.hint})" if p.hint else "") for p in problems))
         suites = [load_suite(p) for p in suite_paths]
         model, tok = load_model(model_dir, device)
+        scoring = make_backend(backend, options, device)
         try:
-            results = [Scorer(s, split, limit=limit, batch_size=batch_size).score(model, tok) for s in suites]
+            results = [Scorer(s, split, limit=limit, batch_size=batch_size, backend=scoring).score(model, tok)
+                       for s in suites]
         except torch.OutOfMemoryError as e:
             raise EvalError(f"{model_dir}: out of memory on {device} while scoring with --batch-size "
                             f"{batch_size} (fix: pass a smaller --batch-size)") from e
@@ -153,5 +189,8 @@ def eval_command(model_dir: str, suite_paths: list[str], split: str = "search", 
     except EvomergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if scoring is not None:
+            scoring.close()
     print(format_results(results, f"{model_dir} ({split} split)"), file=out or sys.stdout)
     return 0

@@ -1,11 +1,11 @@
-"""Scoring engine: batched, gradient-free scoring of an in-memory causal LM on a suite split.
+"""Scoring engine: gradient-free scoring of an in-memory causal LM on a suite split.
 
-The search calls :meth:`Scorer.score` once per candidate, so everything is batched:
-
-* ``loglik`` and ``multiple_choice``: one forward per batch of (context, continuation) pairs,
-  right-padded and sorted by length; log-probabilities of the continuation tokens are gathered.
-* ``generate``: greedy decoding with a KV cache, left-padded batches sorted by prompt length; a
-  sequence stops at EOS or a stop string, the batch at ``max_new_tokens`` or when all stopped.
+The search calls :meth:`Scorer.score` once per candidate. Every task kind reduces to two
+primitives that a backend (:mod:`evomerge.evaluate.backends`) provides on the candidate's model:
+``loglik`` (log-probability of continuations: ``loglik`` and ``multiple_choice`` tasks) and
+``generate`` (greedy continuations cut at the task's stop strings and token limit). The ``hf``
+backend batches forwards of the transformers model itself; ``vllm`` pushes the model's tensors into
+a running vLLM engine and lets it schedule the requests.
 
 Scores and their standard errors:
 
@@ -102,25 +102,22 @@ def subsample(items: tuple[Item, ...], limit: int | None, seed: int) -> list[Ite
     return [items[i] for i in sorted(order[:limit])]
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 class Scorer:
     """Scores in-memory models on one split of a suite.
 
-    ``Scorer(suite, split="search", limit=None, seed=0, batch_size=64, device=None, cache=None)``;
-    ``device=None`` scores on the model's own device (the model is never moved). With a
+    ``Scorer(suite, split="search", limit=None, seed=0, batch_size=64, device=None, cache=None,
+    backend=None)``; ``device=None`` scores on the model's own device (the model is never moved);
+    ``backend`` (default: the ``hf`` backend) turns the model into the two scoring primitives. With a
     :class:`~evomerge.evaluate.cache.ScoreCache`, ``score(model, tok, model_key=...)`` returns the
     stored result for a (model_key, suite fingerprint, split, limit, seed) seen before; without a
     ``model_key`` the key is the fingerprint of the weights.
     """
 
     def __init__(self, suite: Suite, split: str = "search", *, limit: int | None = None, seed: int = 0,
-                 batch_size: int = 64, device: str | torch.device | None = None, cache=None):
+                 batch_size: int = 64, device: str | torch.device | None = None, cache=None,
+                 backend=None):
+        from evomerge.evaluate.backends import HFBackend
+
         if split not in SPLITS:
             raise EvalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         self.suite = suite
@@ -130,6 +127,7 @@ class Scorer:
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device(device) if device is not None else None
         self.cache = cache
+        self.backend = backend if backend is not None else HFBackend()
         self.items = {t.name: subsample(t.splits[split], limit, seed) for t in suite.tasks}
 
     def cache_key(self, model_key: str) -> str:
@@ -148,8 +146,8 @@ class Scorer:
                 hit.cached = True
                 return hit
         t0 = time.perf_counter()
-        lm = _LM(model, tokenizer, self.batch_size, self.device)
-        results = {task.name: score_task(lm, task, self.items[task.name]) for task in self.suite.tasks}
+        lm = self.backend.lm(model, tokenizer, batch_size=self.batch_size, device=self.device)
+        results = score_tasks(lm, [(task, self.items[task.name]) for task in self.suite.tasks])
         combined, se = combine(results)
         res = SuiteResult(suite=self.suite.name, split=self.split, limit=self.limit, seed=self.seed,
                           tasks=results, combined=combined, combined_stderr=se,
@@ -159,24 +157,56 @@ class Scorer:
         return res
 
 
-def score_task(lm: "_LM", task: Task, items: list[Item]) -> TaskResult:
+def score_tasks(lm, work: list[tuple[Task, list[Item]]]) -> dict[str, TaskResult]:
+    """Every task's result; the requests of all tasks go to the backend together (one ``generate``
+    call with each request's own token limit and stop strings, one ``loglik`` call), so a serving
+    engine schedules them as one batch."""
+    gen: list[tuple[str, int, tuple[str, ...]]] = []
+    ll: list[tuple[str, str]] = []
+    spans: dict[str, tuple[int, int]] = {}
+    for task, items in work:
+        if task.kind == "generate":
+            spans[task.name] = (len(gen), len(items))
+            gen += [(it.prompt, task.max_new_tokens, task.until) for it in items]
+        elif task.kind == "multiple_choice":
+            reqs = [(it.prompt, c) for it in items for c in it.choices]
+            spans[task.name] = (len(ll), len(reqs))
+            ll += reqs
+        elif task.kind == "loglik":
+            spans[task.name] = (len(ll), len(items))
+            ll += [(it.prompt, it.target) for it in items]
+        else:
+            raise EvalError(f"unknown task kind {task.kind!r}")
+    gen_out = lm.generate_requests(gen) if gen else []
+    ll_out = lm.loglik(ll) if ll else []
+    results = {}
+    for task, items in work:
+        s, k = spans[task.name]
+        results[task.name] = task_result(task, items, (gen_out if task.kind == "generate" else ll_out)[s:s + k])
+    return results
+
+
+def score_task(lm, task: Task, items: list[Item]) -> TaskResult:
+    return score_tasks(lm, [(task, items)])[task.name]
+
+
+def task_result(task: Task, items: list[Item], outputs: list) -> TaskResult:
+    """A task's metrics from the backend's outputs for its requests (generations for ``generate``,
+    (log-prob, tokens) pairs for the others, in request order)."""
     n = len(items)
     if task.kind == "generate":
-        outs = lm.generate([it.prompt for it in items], task.max_new_tokens, task.until)
         hits = 0
-        for it, out in zip(items, outs):
+        for it, out in zip(items, outputs):
             pred = normalize_answer(task.extract(out), task.extract)
             hits += any(pred == normalize_answer(a, task.extract) for a in it.answers)
         p = hits / n
         return TaskResult(task.name, task.kind, "exact_match", p, binomial_stderr(p, n), n,
                           {"exact_match": p}, task.weight)
     if task.kind == "multiple_choice":
-        reqs = [(it.prompt, c) for it in items for c in it.choices]
-        lls = lm.loglik(reqs)
         acc = acc_norm = 0
         k = 0
         for it in items:
-            ll = lls[k:k + len(it.choices)]
+            ll = outputs[k:k + len(it.choices)]
             k += len(it.choices)
             sums = [s for s, _ in ll]
             norms = [s / max(1, len(c)) for s, c in zip(sums, it.choices)]
@@ -185,132 +215,11 @@ def score_task(lm: "_LM", task: Task, items: list[Item]) -> TaskResult:
         m = {"acc": acc / n, "acc_norm": acc_norm / n}
         p = m[task.metric]
         return TaskResult(task.name, task.kind, task.metric, p, binomial_stderr(p, n), n, m, task.weight)
-    if task.kind == "loglik":
-        lls = lm.loglik([(it.prompt, it.target) for it in items])
-        per_item = [s / max(1, t) for s, t in lls]
-        mean = sum(per_item) / n
-        var = sum((x - mean) ** 2 for x in per_item) / (n - 1) if n > 1 else float("nan")
-        tot, ntok = sum(s for s, _ in lls), sum(t for _, t in lls)
-        m = {"mean_logprob": mean, "perplexity": math.exp(-tot / max(1, ntok)),
-             "logprob_per_item": tot / n}
-        return TaskResult(task.name, task.kind, "mean_logprob", mean, math.sqrt(var / n), n, m, task.weight)
-    raise EvalError(f"unknown task kind {task.kind!r}")
-
-
-class _LM:
-    """The two primitives every task kind reduces to, batched on one device."""
-
-    def __init__(self, model, tokenizer, batch_size: int, device: torch.device | None):
-        self.model = model
-        self.tok = tokenizer
-        self.bs = batch_size
-        self.device = device or _model_device(model)
-        cfg = getattr(model, "config", None)
-        self.max_len = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 10**9
-        self.prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self.eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id
-        self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False) if text else []
-
-    @torch.no_grad()
-    def loglik(self, reqs: list[tuple[str, str]]) -> list[tuple[float, int]]:
-        """(sum of log p(continuation | context), number of continuation tokens) per request."""
-        seqs = []
-        for ctx, cont in reqs:
-            c = self.prefix + self.encode(ctx)
-            t = self.encode(cont)
-            if not t:
-                raise EvalError(f"continuation {cont!r} encodes to no tokens")
-            if not c:  # no BOS and no context: the first token cannot be scored
-                c, t = t[:1], t[1:]
-            full = (c + t)[-(self.max_len + 1):]
-            seqs.append((full, len(t) if len(t) < len(full) else len(full) - 1))
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for b in range(0, len(order), self.bs):
-                idx = order[b:b + self.bs]
-                inp = [seqs[i][0][:-1] for i in idx]
-                L = max(map(len, inp))
-                ids = torch.full((len(idx), L), self.pad, dtype=torch.long)
-                att = torch.zeros((len(idx), L), dtype=torch.long)
-                for j, s in enumerate(inp):
-                    ids[j, :len(s)] = torch.tensor(s)
-                    att[j, :len(s)] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
-                for j, i in enumerate(idx):
-                    full, nt = seqs[i]
-                    n_in = len(full) - 1
-                    lp = torch.log_softmax(logits[j, n_in - nt:n_in].float(), dim=-1)
-                    tgt = torch.tensor(full[-nt:], device=lp.device)
-                    out[i] = (lp.gather(1, tgt[:, None]).sum().item() if nt else 0.0, nt)
-        finally:
-            self.model.train(was_training)
-        return out
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, until: tuple[str, ...]) -> list[str]:
-        """Greedy continuations (decoded, cut at the first stop string), KV-cached, left-padded."""
-        enc = [(self.prefix + self.encode(p))[-max(1, self.max_len - max_new_tokens):] for p in prompts]
-        if any(not e for e in enc):
-            raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
-        texts = [""] * len(prompts)
-        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for b in range(0, len(order), self.bs):
-                idx = order[b:b + self.bs]
-                for i, t in zip(idx, self._greedy([enc[i] for i in idx], max_new_tokens, until)):
-                    texts[i] = t
-        finally:
-            self.model.train(was_training)
-        return texts
-
-    def _greedy(self, batch: list[list[int]], max_new: int, until: tuple[str, ...]) -> list[str]:
-        B, L = len(batch), max(map(len, batch))
-        dev = self.device
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        att = torch.zeros((B, L), dtype=torch.long)
-        for j, s in enumerate(batch):
-            ids[j, L - len(s):] = torch.tensor(s)
-            att[j, L - len(s):] = 1
-        ids, att = ids.to(dev), att.to(dev)
-        pos = (att.cumsum(1) - 1).clamp(min=0)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        gen: list[torch.Tensor] = []
-        past = None
-        step_ids, step_pos = ids, pos
-        for _ in range(max_new):
-            out = self.model(input_ids=step_ids, attention_mask=att, position_ids=step_pos,
-                             past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            gen.append(nxt)
-            if self.eos is not None:
-                done |= nxt == self.eos
-            if until:
-                toks = torch.stack(gen, 1).tolist()
-                for j in range(B):
-                    if not done[j] and any(u in self.tok.decode(toks[j], skip_special_tokens=True) for u in until):
-                        done[j] = True
-            if bool(done.all()):
-                break
-            att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=dev)], 1)
-            step_pos = step_pos[:, -1:] + 1
-            step_ids = nxt[:, None]
-        toks = torch.stack(gen, 1).tolist()
-        texts = []
-        for row in toks:
-            if self.eos is not None and self.eos in row:
-                row = row[:row.index(self.eos)]
-            text = self.tok.decode(row, skip_special_tokens=True)
-            cut = min((text.find(u) for u in until if u in text), default=-1)
-            texts.append(text[:cut] if cut >= 0 else text)
-        return texts
+    lls = outputs
+    per_item = [s / max(1, t) for s, t in lls]
+    mean = sum(per_item) / n
+    var = sum((x - mean) ** 2 for x in per_item) / (n - 1) if n > 1 else float("nan")
+    tot, ntok = sum(s for s, _ in lls), sum(t for _, t in lls)
+    m = {"mean_logprob": mean, "perplexity": math.exp(-tot / max(1, ntok)),
+         "logprob_per_item": tot / n}
+    return TaskResult(task.name, task.kind, "mean_logprob", mean, math.sqrt(var / n), n, m, task.weight)

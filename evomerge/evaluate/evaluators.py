@@ -42,10 +42,11 @@ class EvalOutcome:
     stderr: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
+    backend: dict[str, float] = field(default_factory=dict)  # the worker's backend counters (engine starts, reloads)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scores": dict(self.scores), "n": dict(self.n), "stderr": dict(self.stderr),
-                "seconds": self.seconds, "worker": self.worker}
+                "seconds": self.seconds, "worker": self.worker, "backend": dict(self.backend)}
 
 
 @runtime_checkable

@@ -7,6 +7,12 @@ downloaded). The model is wrapped with ``HFLM(pretrained=model, tokenizer=tokeni
 round trip, scored on the device it is on. ``samples`` scores chosen documents per task. Results come back as a :class:`SuiteResult` whose
 tasks carry lm-eval's metrics, the primary metric's stderr and the sample count.
 
+``backend``: a scoring backend from :func:`evomerge.evaluate.backends.make_backend`. None or ``hf``
+scores with lm-eval's ``HFLM`` as above; ``vllm`` pushes the model's weights into the backend's running
+vLLM engine (in place, started once per model shape) and answers lm-eval's requests with it through
+:class:`evomerge.evaluate.backends.lmeval_lm.BackendLM` (greedy generation only; ``model_args`` are
+``HFLM``'s and are refused there). The results are parsed the same way for both.
+
 Offline use: set ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` (done here when every task's
 data is local). Needs ``accelerate`` (lm-eval's HF extra).
 """
@@ -69,9 +75,10 @@ def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str 
                  offline: bool = True, seed: int = 0, samples: dict[str, list[int]] | None = None,
                  num_fewshot: int | None = None, apply_chat_template: bool = False,
                  gen_kwargs: dict | None = None, model_args: dict | None = None,
-                 tasks_from=None) -> SuiteResult:
+                 tasks_from=None, backend=None) -> SuiteResult:
     """``samples``: the document indices to score per task (instead of ``limit``); ``model_args``:
-    extra keyword arguments of lm-eval's ``HFLM``; ``tasks_from``: a ``TaskManager`` to reuse."""
+    extra keyword arguments of lm-eval's ``HFLM``; ``tasks_from``: a ``TaskManager`` to reuse;
+    ``backend``: the scoring backend (None: lm-eval's ``HFLM`` on the model itself)."""
     if offline:
         set_offline()
     try:
@@ -90,7 +97,16 @@ def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str 
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {unknown}; "
                         f"custom tasks must be YAMLs under include_path ({include_path})")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
+    if backend is None or getattr(backend, "name", "hf") == "hf":
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
+    else:
+        if model_args:
+            raise EvalError(f"model_args ({', '.join(sorted(model_args))}) are arguments of lm-eval's HFLM and do "
+                            f"not apply to the {backend.name} backend (fix: remove them; engine settings go under "
+                            f"the vllm options)")
+        from evomerge.evaluate.backends.lmeval_lm import BackendLM
+
+        lm = BackendLM(backend.lm(model, tokenizer), tokenizer)
     t0 = time.perf_counter()
     out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, samples=samples,
                                    num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,

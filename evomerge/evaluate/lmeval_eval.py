@@ -14,7 +14,21 @@ task's name, and ``combined`` (the mean over tasks).
 
 Options: ``tasks`` (lm-eval task names, required), ``include_path`` (a folder of custom task YAMLs),
 ``num_fewshot``, ``apply_chat_template`` (false), ``gen_kwargs`` and ``model_args`` (mappings, passed
-to lm-eval and its ``HFLM``), ``batch_size`` (8), ``held_out`` (0.3), ``seed`` (0), ``device`` (cpu).
+to lm-eval and its ``HFLM``), ``batch_size`` (8), ``held_out`` (0.3), ``seed`` (0), ``device`` (cpu),
+``backend`` and ``vllm`` (below).
+
+Backends: ``backend: hf`` (the default) wraps each candidate's transformers model in lm-eval's
+``HFLM``. ``backend: vllm`` scores with a vLLM engine that this evaluator (one per worker) starts on
+its first candidate and keeps: every later candidate's weights are pushed into the running engine in
+place (never through disk, never by restarting it; a candidate of another shape, e.g. another DFS
+depth, gets its own engine, see :mod:`evomerge.evaluate.backends.vllm`). lm-eval's requests are
+answered through :class:`evomerge.evaluate.backends.lmeval_lm.BackendLM`, which tokenizes as
+``HFLM`` does; generation is greedy only (``until`` and ``max_gen_toks`` are honoured, sampling
+arguments are refused), ``batch_size`` does not apply (vLLM schedules all requests of a call
+together), and ``model_args`` (``HFLM``'s arguments) are refused: engine settings go under ``vllm``
+(a mapping: ``max_model_len``, ``kv_cache_gb``, ``gpu_memory_utilization``, ``engine_args``, ...).
+Each outcome carries the backend's counters (engine starts, reloads), which the search stores in the
+trial's ``backend`` attribute. Splits, sample counts and standard errors are the same for both.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from evomerge.evaluate.evaluators import (
 )
 
 _KEYS = {"tasks", "include_path", "num_fewshot", "apply_chat_template", "gen_kwargs", "model_args",
-         "batch_size", "held_out", "seed", "device"}
+         "batch_size", "held_out", "seed", "device", "backend", "vllm"}
 
 
 def _name_hash(name: str) -> int:
@@ -63,8 +77,12 @@ class LmEvalEvaluator:
     def __init__(self, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
                  apply_chat_template: bool = False, gen_kwargs: dict | None = None,
                  model_args: dict | None = None, batch_size: int = 8, held_out: float = 0.3, seed: int = 0,
-                 device: str = "cpu", task_manager=None, sizes: dict[str, int] | None = None):
-        """``task_manager`` and ``sizes`` (documents per task): as found by the factory (else built)."""
+                 device: str = "cpu", task_manager=None, sizes: dict[str, int] | None = None,
+                 backend: str = "hf", vllm: dict | None = None):
+        """``task_manager`` and ``sizes`` (documents per task): as found by the factory (else built);
+        ``backend`` and ``vllm``: the scoring backend and its options (its engines live as long as
+        this evaluator: :meth:`close` stops them)."""
+        from evomerge.evaluate.backends import make_backend
         from evomerge.evaluate.lmeval import set_offline
         from evomerge.evaluate.lmeval import task_manager as make_task_manager
 
@@ -80,6 +98,8 @@ class LmEvalEvaluator:
         self.sizes = {t: sizes[t] for t in self.tasks}
         self.splits = carve_splits(self.sizes, held_out, seed)
         self._tokenizers: dict[str, Any] = {}
+        self.backend_name = backend
+        self.backend = make_backend(backend, vllm, device)
 
     def metric_names(self) -> list[str]:
         return [*self.tasks, "combined"]
@@ -118,11 +138,21 @@ class LmEvalEvaluator:
         res = lmeval_score(model, tok, self.tasks, include_path=self.include_path, samples=samples,
                            batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
                            apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
-                           model_args=self.model_args, tasks_from=self.task_manager)
+                           model_args=self.model_args, tasks_from=self.task_manager, backend=self.backend)
         scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": sum(r.n for r in res.tasks.values())}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
-        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend_stats())
+
+    def backend_stats(self) -> dict[str, float]:
+        """What the backend has done in this worker so far (engine starts, reloads and their seconds;
+        empty for ``hf``)."""
+        stats = getattr(self.backend, "stats", None)
+        return stats() if stats is not None else {}
+
+    def close(self) -> None:
+        """Stop what the backend started (vLLM engines)."""
+        self.backend.close()
 
 
 def task_sizes(names: list[str], tm) -> dict[str, int]:
@@ -149,6 +179,7 @@ def task_sizes(names: list[str], tm) -> dict[str, int]:
 @register_evaluator("lmeval", paths=("include_path",))
 def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
     """The lm-eval evaluator; every problem of the mapping at once (a :class:`ConfigError`)."""
+    from evomerge.evaluate.backends import backend_problems
     from evomerge.evaluate.evaluators import check_device
     from evomerge.evaluate.suite_eval import _int
 
@@ -183,6 +214,21 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
                                 "e.g. held_out: 0.3 (the share of each task's documents kept for held-out)"))
     if "device" in config:
         problems += check_device(config["device"], "evaluation.device")
+    backend = config.get("backend", "hf")
+    problems += backend_problems(backend, config.get("vllm"), "evaluation.backend")
+    if backend == "vllm" and config.get("model_args"):
+        problems.append(Problem("evaluation.model_args", "model_args are arguments of lm-eval's HFLM and do not "
+                                "apply to backend vllm", "remove them; engine settings go under evaluation.vllm "
+                                "(e.g. vllm: {max_model_len: 512}), or use backend: hf"))
+    if backend == "vllm" and isinstance(config.get("gen_kwargs"), dict):
+        try:
+            from evomerge.evaluate.backends.lmeval_lm import unsupported_generation
+
+            refused = unsupported_generation(config["gen_kwargs"])
+        except ImportError:  # no lm-eval: reported below
+            refused = None
+        if refused:
+            problems.append(Problem("evaluation.gen_kwargs", *refused))
     try:
         import lm_eval.evaluator  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
@@ -212,4 +258,5 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
     return LmEvalEvaluator(tasks, include_path=include_path, num_fewshot=num_fewshot, apply_chat_template=chat,
                            gen_kwargs=config.get("gen_kwargs"), model_args=config.get("model_args"),
                            batch_size=batch_size, held_out=float(held_out), seed=seed,
-                           device=config.get("device", "cpu"), task_manager=tm, sizes=sizes)
+                           device=config.get("device", "cpu"), task_manager=tm, sizes=sizes, backend=backend,
+                           vllm=config.get("vllm"))

@@ -160,8 +160,9 @@ class ResidentSuiteEvaluator(SuiteEvaluator):
 
     def __init__(self, suite, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
                  dtype: str | None = None, residency: str = "device", fused: bool | None = None,
-                 cache_dir: str | None = None):
-        super().__init__(suite, device=device, batch_size=batch_size, seed=seed, dtype=dtype, cache_dir=cache_dir)
+                 cache_dir: str | None = None, backend: str = "hf", vllm: dict | None = None):
+        super().__init__(suite, device=device, batch_size=batch_size, seed=seed, dtype=dtype, cache_dir=cache_dir,
+                         backend=backend, vllm=vllm)
         self.resident = ResidentModels(device, residency, fused)
 
     def model(self, recipe: Recipe):
@@ -184,7 +185,8 @@ def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str 
             suite = _suite_factory(config).suite  # checks the keys, reads the suite's files
         return ResidentSuiteEvaluator(suite, device=dev, batch_size=int(config.get("batch_size", 64)),
                                       seed=int(config.get("seed", 0)), dtype=config.get("dtype"),
-                                      residency=residency, fused=fused, cache_dir=config.get("cache_dir"))
+                                      residency=residency, fused=fused, cache_dir=config.get("cache_dir"),
+                                      backend=config.get("backend", "hf"), vllm=config.get("vllm"))
     if evaluator_kind(evaluation) == "weights" and "device" not in config:
         evaluation = {**evaluation, "device": dev}
     return make_evaluator(evaluation)

@@ -8,10 +8,12 @@ larger fidelity sees the smaller one's items too); ``limit`` caps the items per 
 
 Options: ``suite`` (path, required), ``device`` (default cpu), ``batch_size`` (64), ``seed`` (0),
 ``dtype`` (materialization dtype, default the recipe's), ``cache_dir`` (a folder where scores persist
-across processes and restarts; default: in memory only).
+across processes and restarts; default: in memory only), ``backend`` (``hf``, the default, or
+``vllm``: see :mod:`evomerge.evaluate.backends`) and ``vllm`` (the vLLM engine's options, a mapping:
+:mod:`evomerge.evaluate.backends.vllm`).
 
-A repeated candidate is never scored twice: results are cached under (recipe hash, suite fingerprint,
-split, item cap, seed), and a hit skips materialization too. The recipe hash covers the model paths,
+A repeated candidate is never scored twice: results are cached under (recipe hash, dtype, backend,
+suite fingerprint, split, item cap, seed), and a hit skips materialization too. The recipe hash covers the model paths,
 not their bytes: clear ``cache_dir`` after replacing a source model in place.
 """
 
@@ -23,15 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
+from evomerge.evaluate.backends.vllm import EngineFailure
 from evomerge.recipe import Recipe, model_refs, recipe_hash
 from evomerge.evaluate.evaluators import EvalOutcome, register_evaluator, worker_name
 
-_KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir"}
+_KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir", "backend", "vllm"}
 
 
 class SuiteEvaluator:
     def __init__(self, suite: str, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
-                 dtype: str | None = None, cache_dir: str | None = None):
+                 dtype: str | None = None, cache_dir: str | None = None, backend: str = "hf",
+                 vllm: dict | None = None):
+        from evomerge.evaluate.backends import make_backend
         from evomerge.evaluate.cache import ScoreCache
         from evomerge.evaluate.suite import load_suite
 
@@ -40,6 +45,8 @@ class SuiteEvaluator:
         self._scorers: dict[tuple[str, int | None], Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self.cache = ScoreCache(cache_dir)
+        self.backend_name = backend
+        self.backend = make_backend(backend, vllm, device)
 
     def metric_names(self) -> list[str]:
         return [t.name for t in self.suite.tasks] + ["combined"]
@@ -53,7 +60,8 @@ class SuiteEvaluator:
         key = (split, limit)
         if key not in self._scorers:
             self._scorers[key] = Scorer(self.suite, split, limit=limit, seed=self.seed,
-                                        batch_size=self.batch_size, device=self.device, cache=self.cache)
+                                        batch_size=self.batch_size, device=self.device, cache=self.cache,
+                                        backend=self.backend)
         return self._scorers[key]
 
     def _tokenizer(self, ref: str):
@@ -76,15 +84,31 @@ class SuiteEvaluator:
             cap = limit if cap is None else min(cap, limit)
         scorer = self._scorer(split, cap)
         model_key = f"{recipe_hash(recipe)}|{self.dtype}"
+        if self.backend_name != "hf":
+            model_key += f"|{self.backend_name}"
         res = self.cache.get(scorer.cache_key(model_key))
         if res is None:
             model = self.model(recipe)
             tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-            res = scorer.score(model, tok, model_key=model_key)
+            try:
+                res = scorer.score(model, tok, model_key=model_key)
+            except EngineFailure:
+                # the serving engine died under this candidate: once more on a fresh engine (a
+                # second failure is the candidate's own error, recorded by the executor)
+                res = scorer.score(model, tok, model_key=model_key)
         scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
-        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name())
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend_stats())
+
+    def backend_stats(self) -> dict[str, float]:
+        """What the backend has done in this worker so far (engine starts, reloads and their seconds)."""
+        stats = getattr(self.backend, "stats", None)
+        return stats() if stats is not None else {}
+
+    def close(self) -> None:
+        """Stop what the backend started (vLLM engines)."""
+        self.backend.close()
 
 
 def load_tokenizer(ref: str):
@@ -140,6 +164,7 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
     """The suite evaluator; every problem of the mapping at once (a :class:`ConfigError`), and the
     suite file's own problems (missing, invalid, data files) as the suite loader reports them."""
     from evomerge.errors import EvalError
+    from evomerge.evaluate.backends import backend_problems
     from evomerge.evaluate.evaluators import check_device
 
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
@@ -166,11 +191,13 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
         elif Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             problems.append(Problem("evaluation.cache_dir", f"{cache_dir} is a file, not a folder",
                                     "give a folder path (it is created when missing)"))
+    problems += backend_problems(config.get("backend", "hf"), config.get("vllm"), "evaluation.backend")
     if problems:
         raise ConfigError(problems)
     try:
         return SuiteEvaluator(config["suite"], device=config.get("device", "cpu"), batch_size=batch_size,
-                              seed=seed, dtype=dtype, cache_dir=cache_dir)
+                              seed=seed, dtype=dtype, cache_dir=cache_dir, backend=config.get("backend", "hf"),
+                              vllm=config.get("vllm"))
     except EvalError as err:
         raise ConfigError(Problem("evaluation.suite", str(err))) from None
     except OSError as err:  # the cache folder cannot be created

@@ -113,6 +113,8 @@ class StageRunner:
         cand.rung_data[repr(fid)] = {"scores": res.outcome.scores, "n": res.outcome.n, "objectives": values,
                                      "utility": utility(self.objectives, values)}
         attrs = {"rungs": cand.rung_data, "worker": res.worker}
+        if res.outcome.backend:  # the worker's backend counters when this rung ended (engine starts, reloads)
+            attrs["backend"] = res.outcome.backend
         if cand.rung == len(self.rungs) - 1:
             attrs.update(scores=res.outcome.scores, n=res.outcome.n, stderr=res.outcome.stderr,
                          objectives=values, seconds={"eval": cand.seconds, "total": time.time() - cand.started})

@@ -115,3 +115,8 @@ class InProcessExecutor:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        for evaluator in self._local.values():  # stop what they started (vLLM engines)
+            close = getattr(evaluator, "close", None)
+            if close is not None:
+                close()
+        self._local.clear()
