@@ -12,7 +12,8 @@ import torch
 from evomerge.errors import ConfigError, EvalError
 from evomerge.evaluate import (Extract, ScoreCache, Scorer, eval_command, extract_answer, load_suite,
                                weights_fingerprint)
-from evomerge.evaluate.engine import _LM, subsample
+from evomerge.evaluate.backends.hf import HFLM
+from evomerge.evaluate.engine import subsample
 from evomerge.zoo import ZooConfig, build_tokenizer, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_extraction_rules(rule, text, want):
 def test_loglik_matches_direct_loop(tiny):
     model, tok = tiny
     reqs = [("a:12+3=", "15"), ("r:abc=", "cbaxx"), ("", "hello"), ("e:k=", "q")]
-    got = _LM(model, tok, batch_size=3, device=None).loglik(reqs)
+    got = HFLM(model, tok, batch_size=3, device=None).loglik(reqs)
     for (ctx, cont), (s, n) in zip(reqs, got):
         ids = [tok.bos_token_id] + tok.encode(ctx, add_special_tokens=False)
         total = 0.0
@@ -106,7 +107,7 @@ def test_loglik_matches_direct_loop(tiny):
 def test_generate_matches_naive_greedy(tiny):
     model, tok = tiny
     prompts = ["a:1+2=", "r:abcdef=", "e:q=", "c:123+456="]
-    got = _LM(model, tok, batch_size=4, device=None).generate(prompts, 6, ())
+    got = HFLM(model, tok, batch_size=4, device=None).generate(prompts, 6, ())
     for p, g in zip(prompts, got):
         ids = [tok.bos_token_id] + tok.encode(p, add_special_tokens=False)
         out = []
@@ -122,7 +123,7 @@ def test_generate_matches_naive_greedy(tiny):
 
 def test_scorer_metrics_stderr_and_cache(tiny, tmp_path):
     model, tok = tiny
-    lm = _LM(model, tok, batch_size=8, device=None)
+    lm = HFLM(model, tok, batch_size=8, device=None)
     prompts = [f"a:{i}+1=" for i in range(12)]
     outs = lm.generate(prompts, 4, ())
     # answers: the model's own output for the first 5 items, something impossible for the rest

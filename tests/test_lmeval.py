@@ -11,7 +11,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from evomerge.evaluate import lmeval_score  # noqa: E402
-from evomerge.evaluate.engine import _LM  # noqa: E402
+from evomerge.evaluate.backends.hf import HFLM  # noqa: E402
 from evomerge.zoo import ZooConfig, build_tokenizer, make_model  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def test_custom_local_task(tmp_path):
     res = lmeval_score(model, tok, ["zoo_rev_mc"], include_path=tmp_path, batch_size=4)
     t = res.tasks["zoo_rev_mc"]
     assert t.n == 4 and t.primary == "acc"
-    lm = _LM(model, tok, 8, None)
+    lm = HFLM(model, tok, 8, None)
     want = 0
     for r in rows:
         lls = [s for s, _ in lm.loglik([(r["q"], c) for c in r["choices"]])]

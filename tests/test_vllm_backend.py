@@ -77,7 +77,7 @@ def test_every_zoo_model_scores_as_with_hf(backend, mixed_suite, dtype):
     for name in MODELS:
         model, tok = load_model(ZOO / name, dtype=dtype)
         for suite in (demo, mixed) if dtype == "float32" else (demo,):
-            limit = 150 if dtype == "float32" else 100
+            limit = 80
             hf = Scorer(suite, "held-out", limit=limit, batch_size=64).score(model, tok)
             vl = Scorer(suite, "held-out", limit=limit, backend=backend).score(model, tok)
             for task, r in hf.tasks.items():
@@ -134,8 +134,12 @@ def test_a_failed_engine_is_replaced_and_the_candidate_scored_again(tmp_path):
         ev.close()
 
 
-def test_a_deeper_dataflow_candidate_gets_its_own_engine():
-    ev = make_evaluator({"kind": "suite", "suite": str(DEMO), "backend": "vllm", "dtype": "float32"})
+@pytest.mark.parametrize("max_engines, starts", [(2, (1, 2, 2, 2)), (1, (1, 2, 3, 4))])
+def test_a_deeper_dataflow_candidate_gets_its_own_engine(max_engines, starts):
+    """Two shapes: both engines kept (2), or each shape change stops the engine and starts the
+    other (1); either way every candidate scores as with hf."""
+    ev = make_evaluator({"kind": "suite", "suite": str(DEMO), "backend": "vllm", "dtype": "float32",
+                         "vllm": {"max_engines": max_engines}})
     hf = make_evaluator({"kind": "suite", "suite": str(DEMO), "dtype": "float32"})
     try:
         a, r = str(ZOO / "expert_arith"), str(ZOO / "expert_reverse")
@@ -143,10 +147,10 @@ def test_a_deeper_dataflow_candidate_gets_its_own_engine():
         deep = DataFlowRecipe(kind="dataflow", embed=a, head=a,
                               path=[PathStep(model=a, layer=i) for i in range(3)]
                               + [PathStep(model=r, layer=i) for i in range(1, 4)])
-        for recipe, starts in ((same, 1), (deep, 2), (same, 2)):
-            got = ev.evaluate(recipe, split="held-out", limit=50)
-            assert got.backend["engine_starts"] == starts
-            assert got.scores == hf.evaluate(recipe, split="held-out", limit=50).scores
+        for k, (recipe, n) in enumerate(zip((same, deep, same, deep), starts)):
+            got = ev.evaluate(recipe, split="held-out", limit=30 + k)  # another item cap: no cache hit
+            assert got.backend["engine_starts"] == n
+            assert got.scores == hf.evaluate(recipe, split="held-out", limit=30 + k).scores
     finally:
         ev.close()
 
@@ -170,6 +174,7 @@ def _demo_space(tmp_path: Path, trials: int) -> dict:
     space["ps"]["base"] = str(ROOT / space["ps"]["base"])
     space["evaluation"] = {"kind": "suite", "suite": str(DEMO), "backend": "vllm", "batch_size": 64}
     space["budget"] = {"trials": trials}
+    space["baselines"] = False
     space["optimizer"] = {"name": "pycma", "popsize": 4, "sigma0": 0.25}
     return space
 
@@ -228,3 +233,17 @@ def test_evomerge_eval_with_the_vllm_backend(capsys):
         assert abs(float(v) - float(h)) <= 2 / 60 + 1e-9, task  # float16 zoo: near-ties may flip
     assert main([*args, "--backend", "vllm", "--vllm-option", "kv_cache_gb=-1"]) == 2
     assert "--vllm-option kv_cache_gb" in capsys.readouterr().err
+
+
+def test_an_engine_that_cannot_start_fails_each_candidate_at_once():
+    """No room for the KV cache: one clear message, repeated for later candidates without trying
+    to start the engine again."""
+    from evomerge.errors import EvalError
+
+    ev = make_evaluator({"kind": "suite", "suite": str(DEMO), "backend": "vllm", "vllm": {"kv_cache_gb": 1e-6}})
+    recipe = parse_recipe({"method": "linear", "sources": [{"model": str(ZOO / "expert_arith"), "params": {"weight": 1.0}}]})
+    for _ in range(2):
+        with pytest.raises(EvalError, match="does not fit the vLLM engine's memory.*kv_cache_gb"):
+            ev.evaluate(recipe, split="search", limit=5)
+    assert ev.backend.engine_starts == 0 and len(ev.backend.start_errors) == 1
+    ev.close()

@@ -1,6 +1,6 @@
 """The lm-eval evaluator (``evaluation: {kind: lmeval, tasks: [...], ...}``): a candidate recipe is
 materialized in memory (as by the task-suite evaluator) and scored by lm-eval's ``simple_evaluate``
-through its HF wrapper, on chosen documents of each task.
+through its HF wrapper (or a running vLLM engine: ``backend: vllm``), on chosen documents of each task.
 
 Splits: each task's evaluation documents are shuffled by a generator seeded with ``seed`` plus a
 stable hash of the task's name; the first ``ceil(held_out * N)`` of that order are the ``held-out``

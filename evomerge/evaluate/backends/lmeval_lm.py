@@ -158,20 +158,24 @@ def unsupported_generation(gen_kwargs: dict[str, Any] | None) -> tuple[str, str]
 
     try:
         kwargs = dict(normalize_gen_kwargs(dict(gen_kwargs or {}), 256))
+        sampling = bool(kwargs.pop("do_sample", False)) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0
+        beams = int(kwargs.pop("num_beams", 1) or 1)
     except (TypeError, ValueError) as err:
-        return f"cannot read the generation arguments {gen_kwargs!r}: {err}", "give max_gen_toks as a whole number"
+        return (f"cannot read the generation arguments {gen_kwargs!r}: {err}",
+                "give max_gen_toks and num_beams as whole numbers, temperature as a number")
     kwargs.pop("until", None)
     kwargs.pop("max_gen_toks", None)
     fix = "or use backend: hf"
-    if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
-        return ("the vllm backend scores lm-eval generations greedily; sampling (do_sample: true or temperature > 0) "
-                "is not supported", f"set do_sample: false (temperature 0) in gen_kwargs, {fix}")
-    if int(kwargs.pop("num_beams", 1) or 1) != 1:
-        return ("the vllm backend scores lm-eval generations greedily; beam search (num_beams > 1) is not supported",
-                f"remove num_beams from gen_kwargs, {fix}")
+    if sampling:
+        what = ("the vllm backend scores lm-eval generations greedily; sampling (do_sample: true or "
+                "temperature > 0) is not supported")
+        return what, f"set do_sample: false (temperature 0) in gen_kwargs, {fix}"
+    if beams != 1:
+        what = "the vllm backend scores lm-eval generations greedily; beam search (num_beams > 1) is not supported"
+        return what, f"remove num_beams from gen_kwargs, {fix}"
     left = sorted(k for k in kwargs if k not in _GREEDY_NOOPS)
     if left:
-        return (f"the vllm backend does not support the generation argument(s) {', '.join(left)} (it honours until "
-                f"and max_gen_toks and decodes greedily)",
-                f"remove them from gen_kwargs or the task's generation_kwargs, {fix}")
+        what = (f"the vllm backend does not support the generation argument(s) {', '.join(left)} (it honours "
+                f"until and max_gen_toks and decodes greedily)")
+        return what, f"remove them from gen_kwargs or the task's generation_kwargs, {fix}"
     return None

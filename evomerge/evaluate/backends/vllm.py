@@ -17,7 +17,9 @@ the tensors to every rank (vLLM serializes them) and each rank's weight loaders 
 
 Engine shapes: an engine is keyed by the candidate's model config and dtype. A data-flow (DFS)
 candidate of another depth gets an engine of that depth, started on first use; at most
-``max_engines`` (default 2) are kept, the least recently used one is shut down first.
+``max_engines`` (default 2) are kept. Engines in one process share vLLM's parallel state, which the
+shutdown of any one of them tears down, so when a new shape finds no room, or an engine has failed,
+all of them are stopped and the ones still needed start again on their next candidate.
 
 Scoring matches the ``hf`` backend: the same token ids (BOS, then the text encoded without special
 tokens), greedy decoding (``temperature 0``) with the task's token limit, EOS and stop strings
@@ -213,8 +215,9 @@ def _start_error(model, err: Exception) -> str:
         return (f"vLLM cannot run the architecture {arch} ({msg}) (fix: use backend: hf for this model, or a vLLM "
                 f"version that supports it)")
     if "memory" in low or "kv cache" in low or "cache blocks" in low:
-        return (f"the {arch} model does not fit the vLLM engine's memory ({msg}) (fix: lower kv_cache_gb or "
-                f"max_model_len, raise gpu_memory_utilization, or use tensor_parallel_size > 1)")
+        return (f"the {arch} model does not fit the vLLM engine's memory ({msg}) (fix: give the KV cache more room "
+                f"with kv_cache_gb or gpu_memory_utilization, lower max_model_len, or spread the weights over GPUs "
+                f"with tensor_parallel_size > 1)")
     return f"the vLLM engine for {arch} could not start: {msg}"
 
 
@@ -235,33 +238,45 @@ class VllmBackend:
         self.device = torch.device(device)
         self.max_engines = int(self.options.pop("max_engines", 2))
         self.engines: OrderedDict[str, VllmEngine] = OrderedDict()
-        self.engine_starts = 0
+        self.engine_starts = self.loads = 0
+        self.start_seconds = self.load_seconds = 0.0
+        self.start_errors: dict[str, str] = {}  # shape -> why its engine could not start
 
     def engine(self, model, tokenizer) -> VllmEngine:
         key = _shape_key(model)
-        if key in self.engines and self.engines[key].llm is None:  # it failed: start a fresh one
-            del self.engines[key]
+        if any(e.llm is None for e in self.engines.values()):
+            # an engine failed and was shut down: in one process the engines share vLLM's parallel
+            # state, which that shutdown tore down, so none of them is usable any more
+            self.close()
         if key in self.engines:
             self.engines.move_to_end(key)
             return self.engines[key]
-        while len(self.engines) >= self.max_engines:
-            _, old = self.engines.popitem(last=False)
-            old.close()
-        eng = VllmEngine(model, tokenizer, device=self.device, options=self.options)
+        if key in self.start_errors:  # this shape could not start: say so again at once
+            raise EvalError(self.start_errors[key])
+        if len(self.engines) >= self.max_engines:
+            # a new shape and no room: shutting one engine down breaks the others (shared parallel
+            # state, see above), so all are stopped and the ones still needed start again
+            self.close()
+        try:
+            eng = VllmEngine(model, tokenizer, device=self.device, options=self.options)
+        except EvalError as err:
+            self.start_errors[key] = str(err)
+            raise
         self.engine_starts += 1
+        self.start_seconds += eng.start_seconds
         self.engines[key] = eng
         return eng
 
     def lm(self, model, tokenizer, *, batch_size: int = 64, device: torch.device | None = None) -> "VllmLM":
         eng = self.engine(model, tokenizer)
-        eng.load(model.state_dict().items())
+        self.load_seconds += eng.load(model.state_dict().items())
+        self.loads += 1
         return VllmLM(eng, tokenizer)
 
     def stats(self) -> dict[str, float]:
-        engines = list(self.engines.values())
-        return {"engine_starts": self.engine_starts, "loads": sum(e.loads for e in engines),
-                "load_seconds": sum(e.load_seconds for e in engines),
-                "start_seconds": sum(e.start_seconds for e in engines)}
+        """Engines started, candidates loaded, and the seconds both took, since this backend was made."""
+        return {"engine_starts": self.engine_starts, "loads": self.loads, "load_seconds": self.load_seconds,
+                "start_seconds": self.start_seconds}
 
     def close(self) -> None:
         while self.engines:
@@ -339,6 +354,8 @@ class VllmLM:
         last ``max_len - 1`` tokens (vLLM must generate one token after the prompt)."""
         from vllm import SamplingParams
 
+        if not reqs:
+            return []
         seqs = []
         for ctx, cont in reqs:
             if not ctx or not cont:
