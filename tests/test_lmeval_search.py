@@ -108,6 +108,33 @@ def test_the_score_of_a_candidate_equals_lmeval_on_the_loaded_model(task_dir):
     assert math.isfinite(got.stderr["combined"])
 
 
+def test_scores_are_cached_on_disk_and_keyed_by_the_task_files(tmp_path, task_dir):
+    """A repeated candidate is answered from the cache (also by another evaluator sharing cache_dir,
+    without materializing it); other documents or edited task files are scored anew."""
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(task_dir, tasks)
+    config = _config(tasks, cache_dir=str(tmp_path / "cache"))
+    recipe = parse_recipe({"method": "linear",
+                           "sources": [{"model": str(ZOO / "expert_reverse"), "params": {"weight": 1.0}}]})
+    first = make_evaluator(config).evaluate(recipe, split="held-out", fidelity=0.5)
+    other = make_evaluator(config)
+    other.model = None  # a cache hit must not materialize the candidate
+    again = other.evaluate(recipe, split="held-out", fidelity=0.5)
+    assert (again.scores, again.n, again.stderr) == (first.scores, first.n, first.stderr)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    with pytest.raises(TypeError):  # other documents: scored, so the candidate is materialized
+        other.evaluate(recipe, split="held-out", fidelity=1.0)
+    yaml_file = tasks / f"{TASKS[0]}.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("target_delimiter: ''", "target_delimiter: ' '"))
+    edited = make_evaluator(config)
+    assert edited.fingerprint != other.fingerprint
+    edited.model = None
+    with pytest.raises(TypeError):  # the task changed: not answered from the old scores
+        edited.evaluate(recipe, split="held-out", fidelity=0.5)
+
+
 def test_a_search_with_the_lmeval_evaluator(tmp_path, task_dir):
     space = {"name": "lm", "kind": "ps",
              "ps": {"base": str(ZOO / "base"),
@@ -142,3 +169,28 @@ def test_a_bad_lmeval_config_reports_every_problem(tmp_path, task_dir, capsys):
     assert "unknown lm-eval task 'zoo_rev_mcc'" in err and "zoo_rev_mc" in err.split("zoo_rev_mcc", 2)[-1], err
     assert "held_out" in err and "1.5" in err, err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_group_is_scored_per_leaf_task_and_reported_under_its_name(tmp_path, task_dir):
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(task_dir, tasks)
+    (tasks / "zoo_group.yaml").write_text(
+        "group: zoo_group\ntask:\n  - zoo_rev_mc\n  - zoo_arith_mc\naggregate_metric_list:\n"
+        "  - metric: acc\n    weight_by_size: true\n")
+    grouped = make_evaluator(_config(tasks, tasks=["zoo_group"]))
+    plain = make_evaluator(_config(tasks))
+    assert grouped.metric_names() == [*TASKS, "zoo_group", "combined"]
+    assert grouped.splits == plain.splits  # the leaves are split as when listed alone
+    recipe = parse_recipe({"method": "linear",
+                           "sources": [{"model": str(ZOO / "expert_reverse"), "params": {"weight": 1.0}}]})
+    got = grouped.evaluate(recipe, split="held-out")
+    want = plain.evaluate(recipe, split="held-out")
+    for t in TASKS:
+        assert got.scores[t] == want.scores[t] and got.n[t] == want.n[t]
+    n = [want.n[t] for t in TASKS]
+    assert got.scores["zoo_group"] == pytest.approx(sum(k * want.scores[t] for k, t in zip(n, TASKS)) / sum(n))
+    assert got.n["zoo_group"] == sum(n) and got.scores["combined"] == got.scores["zoo_group"]
+    assert got.stderr["zoo_group"] == pytest.approx(
+        math.sqrt(sum((k * want.stderr[t]) ** 2 for k, t in zip(n, TASKS))) / sum(n))

@@ -66,7 +66,7 @@ _PROVIDERS = {"suite": "evomerge.evaluate.suite_eval", "lmeval": "evomerge.evalu
 # keys of each kind's mapping that are file paths: made absolute when a study is created, so the
 # study works from any directory (a kind registered elsewhere declares its own: ``paths=``)
 _PATH_KEYS: dict[str, tuple[str, ...]] = {"suite": ("suite", "cache_dir"), "weights": ("target",),
-                                          "lmeval": ("include_path",)}
+                                          "lmeval": ("include_path", "cache_dir")}
 
 
 def register_evaluator(kind: str, *, paths: tuple[str, ...] | None = None

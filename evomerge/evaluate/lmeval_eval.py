@@ -10,12 +10,19 @@ contains a smaller one's documents), ``limit`` caps the documents per task; they
 as ``samples=`` (never ``limit=``).
 
 Reported metrics: each task's primary metric (acc, exact_match, ... as lm-eval reports it) under the
-task's name, and ``combined`` (the mean over tasks).
+task's name; for a listed group (``mmlu``, a custom group YAML) each of its leaf tasks, and the group
+under its own name (the leaves' scores weighted by documents scored, as lm-eval aggregates groups);
+``combined``: the mean over the names as listed (a group counts once).
 
 Options: ``tasks`` (lm-eval task names, required), ``include_path`` (a folder of custom task YAMLs),
 ``num_fewshot``, ``apply_chat_template`` (false), ``gen_kwargs`` and ``model_args`` (mappings, passed
 to lm-eval and its ``HFLM``), ``batch_size`` (8), ``held_out`` (0.3), ``seed`` (0), ``device`` (cpu),
-``backend`` and ``vllm`` (below).
+``backend`` and ``vllm`` (below), ``cache_dir`` (a folder where scores persist across processes and
+restarts; default: in memory only).
+
+A repeated candidate is never scored twice: results are cached under (recipe hash, backend, the
+options that change a score, the task files' contents under ``include_path``, the documents scored),
+and a hit skips materialization too. As for suites, the recipe hash covers model paths, not bytes.
 
 Backends: ``backend: hf`` (the default) wraps each candidate's transformers model in lm-eval's
 ``HFLM``. ``backend: vllm`` scores with a vLLM engine that this evaluator (one per worker) starts on
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.recipe import Recipe, model_refs
+from evomerge.recipe import Recipe, model_refs, recipe_hash
 from evomerge.evaluate.evaluators import (
     SPLITS,
     EvalOutcome,
@@ -51,7 +58,7 @@ from evomerge.evaluate.evaluators import (
 )
 
 _KEYS = {"tasks", "include_path", "num_fewshot", "apply_chat_template", "gen_kwargs", "model_args",
-         "batch_size", "held_out", "seed", "device", "backend", "vllm"}
+         "batch_size", "held_out", "seed", "device", "cache_dir", "backend", "vllm"}
 
 
 def _name_hash(name: str) -> int:
@@ -78,7 +85,8 @@ class LmEvalEvaluator:
                  apply_chat_template: bool = False, gen_kwargs: dict | None = None,
                  model_args: dict | None = None, batch_size: int = 8, held_out: float = 0.3, seed: int = 0,
                  device: str = "cpu", task_manager=None, sizes: dict[str, int] | None = None,
-                 backend: str = "hf", vllm: dict | None = None):
+                 backend: str = "hf", vllm: dict | None = None, cache_dir: str | None = None,
+                 groups: dict[str, list[str]] | None = None):
         """``task_manager`` and ``sizes`` (documents per task): as found by the factory (else built);
         ``backend`` and ``vllm``: the scoring backend and its options (its engines live as long as
         this evaluator: :meth:`close` stops them)."""
@@ -87,22 +95,51 @@ class LmEvalEvaluator:
         from evomerge.evaluate.lmeval import task_manager as make_task_manager
 
         set_offline()
-        self.tasks = list(tasks)
+        self.listed = list(tasks)  # as the user wrote them: tasks and groups
+        self.groups = dict(groups or {})
+        self.tasks = list(dict.fromkeys(t for name in self.listed for t in self.groups.get(name, [name])))
         self.include_path = include_path
         self.num_fewshot, self.apply_chat_template = num_fewshot, apply_chat_template
         self.gen_kwargs, self.model_args = gen_kwargs, model_args
         self.batch_size, self.held_out, self.seed, self.device = batch_size, held_out, seed, device
-        self.task_manager = task_manager or make_task_manager(self.tasks, include_path)
+        self.task_manager = task_manager or make_task_manager(self.listed, include_path)
         if sizes is None:
-            sizes = task_sizes(self.tasks, self.task_manager)
+            leaves, self.groups, sizes = expand_tasks(self.listed, self.task_manager)
+            self.tasks = leaves
         self.sizes = {t: sizes[t] for t in self.tasks}
         self.splits = carve_splits(self.sizes, held_out, seed)
         self._tokenizers: dict[str, Any] = {}
         self.backend_name = backend
         self.backend = make_backend(backend, vllm, device)
+        from evomerge.evaluate.cache import ScoreCache
+
+        self.cache = ScoreCache(cache_dir)
+        self.fingerprint = self._fingerprint()
+        self.resident: Any = None  # evomerge.evaluate.resident.ResidentModels, attached by search workers
+
+    def _fingerprint(self) -> str:
+        """What, besides the candidate and the documents, decides a score: the options and the
+        custom task files (their contents)."""
+        h = hashlib.sha256(repr((self.tasks, self.num_fewshot, self.apply_chat_template, self.gen_kwargs,
+                                 self.model_args, self.seed, self.backend_name)).encode())
+        if self.include_path:
+            for f in sorted(Path(self.include_path).rglob("*")):
+                if f.is_file() and f.suffix in (".yaml", ".yml", ".py", ".jsonl", ".json"):
+                    h.update(str(f.relative_to(self.include_path)).encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def model(self, recipe: Recipe):
+        """The candidate as a transformers model on ``device``: written in place into a model built
+        from sources held in memory when a worker attached its :class:`ResidentModels` (``resident``),
+        else materialized from the checkpoints."""
+        if self.resident is not None:
+            return self.resident.model(recipe)
+        from evomerge.evaluate.suite_eval import materialize_model
+
+        return materialize_model(recipe, device=self.device)
 
     def metric_names(self) -> list[str]:
-        return [*self.tasks, "combined"]
+        return [*self.tasks, *self.groups, "combined"]
 
     def split_size(self, split: str) -> int | None:
         return sum(len(v) for v in self.splits[split].values())
@@ -129,19 +166,30 @@ class LmEvalEvaluator:
     def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
                  limit: int | None = None) -> EvalOutcome:
         from evomerge.evaluate.lmeval import lmeval_score
-        from evomerge.evaluate.suite_eval import materialize_model
 
         start = time.perf_counter()
         samples = self.samples(split, fidelity, limit)
-        model = materialize_model(recipe, device=self.device)
-        tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-        res = lmeval_score(model, tok, self.tasks, include_path=self.include_path, samples=samples,
-                           batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
-                           apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
-                           model_args=self.model_args, tasks_from=self.task_manager, backend=self.backend)
-        scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
-        n = {name: r.n for name, r in res.tasks.items()} | {"combined": sum(r.n for r in res.tasks.values())}
-        se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
+        docs = hashlib.sha256(repr(sorted(samples.items())).encode()).hexdigest()[:16]
+        key = f"{recipe_hash(recipe)}|lmeval|{self.fingerprint}|{split}|{docs}"
+        res = self.cache.get(key)
+        if res is None:
+            model = self.model(recipe)
+            tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
+            res = lmeval_score(model, tok, self.tasks, include_path=self.include_path, samples=samples,
+                               batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
+                               apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
+                               model_args=self.model_args, tasks_from=self.task_manager, backend=self.backend)
+            self.cache.put(key, res)
+        scores = {name: r.score for name, r in res.tasks.items() if name in self.tasks}
+        n = {name: r.n for name, r in res.tasks.items() if name in self.tasks}
+        se = {name: r.stderr for name, r in res.tasks.items() if name in self.tasks}
+        gs, gn, gse = group_scores(self.groups, scores, n, se)
+        scores, n, se = scores | gs, n | gn, se | gse
+        # combined: the mean over the names as listed (a group counts once, with its own score)
+        k = len(self.listed)
+        scores["combined"] = sum(scores[name] for name in self.listed) / k
+        n["combined"] = sum(n[t] for t in self.tasks)
+        se["combined"] = math.sqrt(sum(se[name] ** 2 for name in self.listed)) / k
         return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend_stats())
 
     def backend_stats(self) -> dict[str, float]:
@@ -155,28 +203,64 @@ class LmEvalEvaluator:
         self.backend.close()
 
 
-def task_sizes(names: list[str], tm) -> dict[str, int]:
-    """Evaluation documents per task; raises :class:`ConfigError` for groups and tasks that fail
-    to load."""
+def expand_tasks(names: list[str], tm) -> tuple[list[str], dict[str, list[str]], dict[str, int]]:
+    """The listed names as lm-eval builds them: (leaf tasks in order, each listed group's leaf tasks,
+    evaluation documents per leaf task). A group (e.g. ``mmlu``, or a custom group YAML) stands for
+    its leaf tasks, nested groups included; each leaf is split and scored on its own. Raises
+    :class:`ConfigError` for tasks that fail to load."""
     try:
         loaded = tm.load(list(names))
     except Exception as err:  # noqa: BLE001 - lm-eval raises many kinds (missing data, bad YAML)
         raise ConfigError(Problem("evaluation.tasks", f"lm-eval cannot build the tasks {names}: {err}",
                                   "check the task YAMLs and their data files")) from None
-    sizes: dict[str, int] = {}
+    group_map = loaded.get("group_map", {})
+
+    def leaves(name: str, seen: tuple[str, ...] = ()) -> list[str]:
+        if name in loaded["tasks"] and name not in loaded["groups"]:
+            return [name]
+        out = []
+        for child in group_map.get(name, []):
+            if child not in seen:
+                out += leaves(child, (*seen, name))
+        return out
+
+    order: list[str] = []
+    groups: dict[str, list[str]] = {}
     problems = []
     for name in names:
-        if name in loaded["groups"] or name not in loaded["tasks"]:
-            problems.append(Problem("evaluation.tasks", f"'{name}' is a group of lm-eval tasks",
-                                    "list the group's tasks by name instead"))
+        found = leaves(name)
+        if not found:
+            problems.append(Problem("evaluation.tasks", f"lm-eval built no task for '{name}'",
+                                    "check its YAML (a group needs at least one task)"))
             continue
-        sizes[name] = len(loaded["tasks"][name].eval_docs)
+        if name in loaded["groups"]:
+            groups[name] = list(dict.fromkeys(found))
+        order += [t for t in found if t not in order]
     if problems:
         raise ConfigError(problems)
-    return sizes
+    return order, groups, {t: len(loaded["tasks"][t].eval_docs) for t in order}
 
 
-@register_evaluator("lmeval", paths=("include_path",))
+def task_sizes(names: list[str], tm) -> dict[str, int]:
+    """Evaluation documents per leaf task of ``names`` (groups expanded)."""
+    return expand_tasks(names, tm)[2]
+
+
+def group_scores(groups: dict[str, list[str]], scores: dict[str, float], n: dict[str, int],
+                 se: dict[str, float]) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """Each group's score: the mean of its leaf tasks' scores weighted by the documents scored (as
+    lm-eval aggregates groups by size), its sample size and standard error (leaves scored on
+    independent documents)."""
+    gs, gn, gse = {}, {}, {}
+    for g, leaves in groups.items():
+        total = sum(n[t] for t in leaves)
+        gs[g] = sum(n[t] * scores[t] for t in leaves) / total
+        gn[g] = total
+        gse[g] = math.sqrt(sum((n[t] * se[t]) ** 2 for t in leaves)) / total
+    return gs, gn, gse
+
+
+@register_evaluator("lmeval", paths=("include_path", "cache_dir"))
 def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
     """The lm-eval evaluator; every problem of the mapping at once (a :class:`ConfigError`)."""
     from evomerge.evaluate.backends import backend_problems
@@ -214,6 +298,11 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
                                 "e.g. held_out: 0.3 (the share of each task's documents kept for held-out)"))
     if "device" in config:
         problems += check_device(config["device"], "evaluation.device")
+    cache_dir = config.get("cache_dir")
+    if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir
+                                  or (Path(cache_dir).exists() and not Path(cache_dir).is_dir())):
+        problems.append(Problem("evaluation.cache_dir", f"expected a folder path, got {cache_dir!r}",
+                                "give a folder path (it is created when missing)"))
     backend = config.get("backend", "hf")
     problems += backend_problems(backend, config.get("vllm"), "evaluation.backend")
     if backend == "vllm" and config.get("model_args"):
@@ -250,7 +339,7 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
                                         "custom tasks must be YAMLs under include_path"))
     if problems:
         raise ConfigError(problems)
-    sizes = task_sizes(tasks, tm)
+    leaves, groups, sizes = expand_tasks(tasks, tm)
     few = [Problem("evaluation.tasks", f"task '{t}' has {n} document(s); at least 2 are needed "
                    "(one for each split)") for t, n in sizes.items() if n < 2]
     if few:
@@ -259,4 +348,4 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
                            gen_kwargs=config.get("gen_kwargs"), model_args=config.get("model_args"),
                            batch_size=batch_size, held_out=float(held_out), seed=seed,
                            device=config.get("device", "cpu"), task_manager=tm, sizes=sizes, backend=backend,
-                           vllm=config.get("vllm"))
+                           vllm=config.get("vllm"), cache_dir=cache_dir, groups=groups)

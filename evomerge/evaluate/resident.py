@@ -173,8 +173,9 @@ class ResidentSuiteEvaluator(SuiteEvaluator):
 
 def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str = "device",
                      fused: bool | None = None, suite=None):
-    """The evaluator a worker builds from the space's ``evaluation:`` mapping: the suite evaluator
-    with resident sources; any other kind as the registry builds it (on ``device`` when it takes one)."""
+    """The evaluator a worker builds from the space's ``evaluation:`` mapping: the suite and lm-eval
+    evaluators with resident sources; any other kind as the registry builds it (on ``device`` when
+    it takes one)."""
     from evomerge.evaluate.evaluators import evaluator_kind, make_evaluator
     from evomerge.evaluate.suite_eval import _suite_factory
 
@@ -187,6 +188,9 @@ def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str 
                                       seed=int(config.get("seed", 0)), dtype=config.get("dtype"),
                                       residency=residency, fused=fused, cache_dir=config.get("cache_dir"),
                                       backend=config.get("backend", "hf"), vllm=config.get("vllm"))
-    if evaluator_kind(evaluation) == "weights" and "device" not in config:
+    if evaluator_kind(evaluation) in ("weights", "lmeval") and "device" not in config:
         evaluation = {**evaluation, "device": dev}
-    return make_evaluator(evaluation)
+    evaluator = make_evaluator(evaluation)
+    if evaluator_kind(evaluation) == "lmeval":  # candidates written into resident models, as for suites
+        evaluator.resident = ResidentModels(dev, residency, fused)
+    return evaluator
