@@ -85,3 +85,26 @@ def test_a_repeated_candidate_is_not_scored_twice(tmp_path, world, monkeypatch):
     with pytest.raises(AttributeError):  # the recorder returns None: proves a miss materializes
         fresh.evaluate(recipe, split="search", fidelity=0.5)
     assert built == [recipe]
+
+
+def test_host_and_device_residency_score_as_the_reference(world):
+    """Sources held in host memory (read once, copied per tensor) or on the device (fused kernels)
+    give the scores of materializing from the checkpoints; the held copy reads the files' bytes."""
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.evaluate.resident import ResidentSuiteEvaluator
+
+    fam, suite = world
+    recipe = parse_recipe({"method": "ties", "base": fam["base"],
+                           "sources": [{"model": fam["expert1"], "params": {"weight": 0.7, "density": 0.5}},
+                                       {"model": fam["expert2"], "params": {"weight": 0.4, "density": 0.8}}]})
+    want = make_evaluator({"kind": "suite", "suite": suite, "batch_size": 8}).evaluate(recipe, split="search")
+    for residency in ("host", "device"):
+        ev = ResidentSuiteEvaluator(suite, batch_size=8, residency=residency)
+        got = ev.evaluate(recipe, split="search")
+        assert got.scores == pytest.approx(want.scores, rel=1e-5), residency
+        assert ev.resident.nbytes() > 0
+    ck = Checkpoint.open(fam["expert1"])
+    held = ck.held()
+    assert held.held_nbytes() == sum(ck.read(n).numel() * ck.read(n).element_size() for n in ck.names)
+    for name in ck.names:
+        assert held.read(name).equal(ck.read(name))

@@ -309,8 +309,26 @@ class Checkpoint:
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start)
         return flat.view(entry.dtype).reshape(entry.shape)
 
+    def held(self, place=lambda t: t) -> Checkpoint:
+        """A copy of this checkpoint whose tensors are read once, now, and then served from memory
+        (``place(tensor)`` puts each where it should live: pinned host memory, a device)."""
+        import copy
+
+        held = copy.copy(self)
+        held._handles, held._lock = {}, threading.Lock()
+        held._memory = {name: place(self.read(name)) for name in self.names}
+        return held
+
+    def held_nbytes(self) -> int:
+        """Bytes held in memory by :meth:`held` (0 for a checkpoint read from its files)."""
+        memory = getattr(self, "_memory", None) or {}
+        return sum(t.numel() * t.element_size() for t in memory.values())
+
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor in its stored dtype; a tied ``lm_head.weight`` reads the embedding."""
+        memory = getattr(self, "_memory", None)
+        if memory is not None and name in memory:
+            return memory[name].to(device, non_blocking=True)
         entry, fd = self._open(name)
         # pread into a fresh tensor: one copy from the page cache, memory of its own
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)

@@ -16,7 +16,6 @@ and reused (a DFS candidate of another depth gets a model of that depth). Two re
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -34,27 +33,9 @@ except ImportError:  # pragma: no cover - only while evomerge.resident is absent
     ResidentSources = None  # type: ignore[assignment,misc]
 
 
-class _HeldCheckpoint(Checkpoint):
-    """A :class:`Checkpoint` whose tensors were read once and are held in memory (``_held``)."""
-
-    _held: dict[str, torch.Tensor]
-
-    def read(self, name: str, device="cpu") -> torch.Tensor:  # noqa: D102 - Checkpoint.read
-        t = self._held.get(name)
-        if t is None:
-            t = self._held[name] = super().read(name, device="cpu")
-        return t.to(device, non_blocking=True)
-
-
-def _hold(ck: Checkpoint, device: torch.device, pin: bool) -> _HeldCheckpoint:
-    held = copy.copy(ck)
-    held.__class__ = _HeldCheckpoint
-    tensors = {}
-    for name in ck.names:
-        t = ck.read(name, device="cpu")
-        tensors[name] = t.pin_memory() if pin else t.to(device)
-    held._held = tensors
-    return held
+def _hold(ck: Checkpoint, device: torch.device, pin: bool) -> Checkpoint:
+    """``ck`` read once into pinned host memory (``pin``) or onto ``device``."""
+    return ck.held((lambda t: t.pin_memory()) if pin else (lambda t: t.to(device)))
 
 
 class ResidentModels:
@@ -70,7 +51,7 @@ class ResidentModels:
         self.refs: list[str] = []
         self.base: str | None = None
         self._resident: Any = None  # ResidentSources (device residency)
-        self._held: dict[str, _HeldCheckpoint] = {}  # host residency / reference path
+        self._held: dict[str, Checkpoint] = {}  # host residency / reference path
         self._models: dict[tuple, torch.nn.Module] = {}
         self.load_seconds = 0.0
         self.timings = {"materialize": 0.0, "candidates": 0}
@@ -98,14 +79,13 @@ class ResidentModels:
     def nbytes(self) -> int:
         if self._resident is not None:
             return int(self._resident.nbytes())
-        return sum(t.numel() * t.element_size() for ck in self._held.values() for t in ck._held.values())
+        return sum(ck.held_nbytes() for ck in self._held.values())
 
     def drop_models(self) -> None:
         """Free the reusable candidate models (after an out-of-memory error)."""
         self._models.clear()
         if self._resident is not None:
-            self._resident._models_by_shape.clear()
-            self._resident._targets.clear()
+            self._resident.drop_models()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

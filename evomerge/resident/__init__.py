@@ -154,6 +154,11 @@ class ResidentSources:
             fused = compile_available(device)
         return cls(dict(models), dev, host, device, fused, stats, native)
 
+    def drop_models(self) -> None:
+        """Forget the reusable candidate models and their state dicts (after an out-of-memory error)."""
+        self._models_by_shape.clear()
+        self._targets.clear()
+
     def nbytes(self) -> int:
         """Bytes of resident device tensors (shared tied tensors counted once)."""
         seen = {t.data_ptr(): t.numel() * t.element_size() for d in self.tensors.values() for t in d.values()}
