@@ -17,7 +17,12 @@ from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, Recipe, Sta
                              parse_recipe, resolve_param, stack_to_dataflow)
 
 SHARED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                  "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough")
+                  "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "nuslerp",
+                  "multislerp", "karcher", "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl")
+# methods whose mergekit contract ignores the base: a `base_model` is one more input model there.
+# linear keeps its earlier import rule (a `base_model` not listed under `models` is dropped); for
+# karcher mergekit adds it to the inputs, weighted like the others, and so does the import.
+BASE_AS_SOURCE = ("linear", "karcher")
 # parameters mergekit accepts that change nothing in the result (memory/speed switches)
 IGNORED_PARAMS = {"int8_mask"}
 # method -> {param: value} set on import to keep mergekit's behaviour. mergekit's `rescale` restores
@@ -119,12 +124,14 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
     if data.get("models"):
         sources = []
         for i, m in enumerate(data["models"]):
-            if m["model"] == base and method != "linear":
+            if m["model"] == base and method not in BASE_AS_SOURCE:
                 continue  # mergekit passes the base separately to every base-using method
             sources.append({"model": m["model"], "params": _params(m.get("parameters"),
                                                                    at(f"models[{i}].parameters"), problems)})
+        if method == "karcher" and base and all(m["model"] != base for m in data["models"]):
+            sources.append({"model": base, "params": {}})
         out = {"kind": "merge", "method": method, "sources": sources, "params": gparams}
-        if base and method != "linear":
+        if base and method not in BASE_AS_SOURCE:
             out["base"] = base
     elif data.get("slices"):
         slices = data["slices"]
@@ -153,13 +160,13 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
             for i, s in enumerate(sl.get("sources", [])):
                 if s["model"] == base:
                     base_layers = list(s["layer_range"])
-                    if method != "linear":
+                    if method not in BASE_AS_SOURCE:
                         continue
                 sources.append({"model": s["model"], "layers": list(s["layer_range"]),
                                 "params": _params(s.get("parameters"), at(f"slices[0].sources[{i}]"), problems)})
             out = {"kind": "merge", "method": method, "sources": sources,
                    "params": {**gparams, **_params(sl.get("parameters"), at("slices[0].parameters"), problems)}}
-            if base and method != "linear":
+            if base and method not in BASE_AS_SOURCE:
                 out["base"] = base
                 if base_layers:
                     out["base_layers"] = base_layers
@@ -225,6 +232,10 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             raise ConfigError(Problem("method", f"mergekit has no method '{recipe.method}'"))
         out["merge_method"] = recipe.method
         recipe = _mergekit_rescale(recipe)
+        weights = [s.params.get("weight", 1.0) for s in recipe.sources]
+        if recipe.method == "karcher" and any(w != weights[0] for w in weights):
+            raise ConfigError(Problem("sources.weight", "mergekit's karcher weighs all models equally; this "
+                                      "recipe gives them different weights", "export in evomerge format"))
         head_t = 1.0 if recipe.head_t is None else recipe.head_t
 
         def param_out(v: Any) -> Any:

@@ -329,7 +329,7 @@ def validate_recipe(recipe: Recipe, *, source: str = "<recipe>") -> list[Problem
         if spec.needs_base and not recipe.base:
             problems.append(Problem(at("base"), f"method '{spec.name}' needs a base model",
                                     "add `base: <path of the model the sources were fine-tuned from>`"))
-        if not spec.needs_base and recipe.base:
+        if not spec.takes_base and recipe.base:
             problems.append(Problem(at("base"), f"method '{spec.name}' takes no base model",
                                     "remove `base`, or list it under sources"))
         if n < spec.min_sources or (spec.max_sources is not None and n > spec.max_sources):

@@ -6,9 +6,12 @@ Builds (once, cached under --workdir) a tiny Llama family (a base and three nois
 or bfloat16 with --dtype), writes one mergekit config per shared method (linear with a layer
 gradient and unnormalized, slerp with per-module gradients, task_arithmetic with a negative weight
 and with lambda, ties over the whole model and over layer ranges, breadcrumbs, breadcrumbs_ties,
-model_stock and a passthrough layer stack), merges each with both tools and reports, per method:
+model_stock, a passthrough layer stack, and mergekit 0.1.5's other methods: nuslerp with a base and
+row-wise without, multislerp with a base and unnormalized without, karcher, nearswap, sce,
+arcee_fusion, ram and ramplus_tl), merges each with both tools and reports, per method:
 
 * ``max |diff|``: the largest absolute difference of the float32 outputs;
+* ``max rel``: the largest ``max |diff| / max |mergekit output|`` of a tensor;
 * ``bf16 ulps``: the largest distance between the two outputs rounded to bfloat16, in bfloat16
   spacings at the value (0: the roundings agree; 1: they straddle a rounding boundary); entries
   within 4 float32 ulps of the tensor's largest value count as equal (terms that cancel to ~0);
@@ -104,6 +107,37 @@ def configs(f: dict[str, str], dtype: str, compute: str) -> dict[str, dict]:
         "passthrough": {"merge_method": "passthrough", **common, "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]}]},
+        **extra_configs(f, common),
+    }
+
+
+def extra_configs(f: dict[str, str], common: dict) -> dict[str, dict]:
+    """Configs of the methods added after the first twelve (mergekit 0.1.5's others)."""
+    e1, e2, e3, base = f["expert1"], f["expert2"], f["expert3"], f["base"]
+    three = [{"model": e1}, {"model": e2}, {"model": e3}]
+    return {
+        "nuslerp": {"merge_method": "nuslerp", **common, "base_model": base, "models": [
+            {"model": e1, "parameters": {"weight": 0.3}}, {"model": e2, "parameters": {"weight": 0.7}}]},
+        "nuslerp_rows": {"merge_method": "nuslerp", **common,
+                         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                         "models": [{"model": e1, "parameters": {"weight": 1.0}},
+                                    {"model": e2, "parameters": {"weight": [0.2, 0.8]}}]},
+        "multislerp": {"merge_method": "multislerp", **common, "base_model": base, "models": [
+            {"model": e1, "parameters": {"weight": 0.5}}, {"model": e2, "parameters": {"weight": 0.3}},
+            {"model": e3, "parameters": {"weight": 0.4}}]},
+        "multislerp_nobase": {"merge_method": "multislerp", **common, "parameters": {"normalize_weights": False},
+                              "models": [{"model": e1, "parameters": {"weight": 0.6}},
+                                         {"model": e2, "parameters": {"weight": [0.2, 0.6]}}]},
+        "karcher": {"merge_method": "karcher", **common, "models": three},
+        "nearswap": {"merge_method": "nearswap", **common, "base_model": base, "parameters": {"t": 0.02},
+                     "models": [{"model": e1}]},
+        "sce": {"merge_method": "sce", **common, "base_model": base, "parameters": {"select_topk": 0.5},
+                "models": three},
+        "arcee_fusion": {"merge_method": "arcee_fusion", **common, "base_model": base, "models": [{"model": e2}]},
+        "ram": {"merge_method": "ram", **common, "base_model": base, "parameters": {"epsilon": 0.05},
+                "models": three},
+        "ramplus_tl": {"merge_method": "ramplus_tl", **common, "base_model": base,
+                       "parameters": {"epsilon": 0.05, "r": 0.3, "alpha": 0.5}, "models": three},
     }
 
 
@@ -142,7 +176,7 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
     if set(a.names) != set(b.names):
         raise SystemExit(f"tensor names differ: only in {a_dir}: {sorted(set(a.names) - set(b.names))[:5]}, "
                          f"only in {b_dir}: {sorted(set(b.names) - set(a.names))[:5]}")
-    worst, ulps, differ, total = 0.0, 0.0, 0, 0
+    worst, rel, ulps, differ, total = 0.0, 0.0, 0.0, 0, 0
     for name in a.names:
         x, y = a.read(name).float(), b.read(name).float()
         if x.shape != y.shape:
@@ -151,6 +185,7 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
             continue
         d = (x - y).abs()
         worst = max(worst, d.max().item())
+        rel = max(rel, d.max().item() / max(x.abs().max().item(), 1e-30))
         xb, yb = x.bfloat16().float(), y.bfloat16().float()
         db = (xb - yb).abs()
         # one bf16 spacing at the larger magnitude (8 significant bits: 2^(e-8) for m * 2^e,
@@ -164,7 +199,7 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
         ulps = max(ulps, u.max().item())
         differ += int((db > 0).sum())
         total += db.numel()
-    return {"max_abs": worst, "ulps": ulps, "differ": differ / max(total, 1), "tensors": len(a.names),
+    return {"max_abs": worst, "max_rel": rel, "ulps": ulps, "differ": differ / max(total, 1), "tensors": len(a.names),
             "layers": a.num_layers}
 
 
@@ -217,10 +252,10 @@ def main() -> int:
         print(method, r, file=sys.stderr)
     print(f"\nfamily: {SHAPE} {args.dtype}; mergekit computes in {args.compute} (config `dtype`), "
           f"evomerge in float32; outputs {args.dtype}; mergekit: {mk}")
-    print("| method | tensors | layers | max abs diff | bf16 ulps | bf16 differ |")
-    print("|---|---|---|---|---|---|")
+    print("| method | tensors | layers | max abs diff | max rel diff | bf16 ulps | bf16 differ |")
+    print("|---|---|---|---|---|---|---|")
     for method, r in rows:
-        print(f"| {method} | {r['tensors']} | {r['layers']} | {r['max_abs']:.2e} | {r['ulps']:.0f} | {100 * r['differ']:.3f}% |")
+        print(f"| {method} | {r['tensors']} | {r['layers']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['ulps']:.0f} | {100 * r['differ']:.3f}% |")
     if bad:
         print(f"beyond bf16 rounding: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0

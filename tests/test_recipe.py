@@ -110,10 +110,10 @@ def test_mergekit_import_via_load_recipe_and_errors(tmp_path):
     assert isinstance(r, MergeRecipe) and r.method == "slerp" and r.base == "a" and r.base_layers == (0, 4)
     assert r.sources[0].layers == (0, 4)
     with pytest.raises(ConfigError) as info:
-        from_mergekit({"merge_method": "karcher", "models": [{"model": "a"}], "tokenizer_source": "union",
+        from_mergekit({"merge_method": "frankenblend", "models": [{"model": "a"}], "tokenizer_source": "union",
                        "frobnicate": 1})
     msg = str(info.value)
-    assert "karcher" in msg and "union" in msg and "frobnicate" in msg
+    assert "frankenblend" in msg and "union" in msg and "frobnicate" in msg
 
 
 def test_mergekit_passthrough_and_dataflow_roundtrip():

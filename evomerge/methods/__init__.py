@@ -13,6 +13,13 @@ from evomerge.methods import (  # noqa: E402,F401  isort: skip
     slerp,
     model_stock,
     passthrough,
+    nuslerp,
+    multislerp,
+    karcher,
+    nearswap,
+    sce,
+    arcee_fusion,
+    ram,
 )
 
 __all__ = ["MethodSpec", "ParamSpec", "get_method", "method_names", "register_method"]

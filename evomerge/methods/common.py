@@ -129,14 +129,14 @@ def resolve(
         raise ConfigError(problems)
 
     shapes = {tuple(t.shape) for t in tensors}
-    if base is not None and spec.needs_base:
+    if base is not None and spec.takes_base:
         shapes.add(tuple(base.shape))
     if len(shapes) > 1:
         listed = ", ".join(str(tuple(t.shape)) for t in tensors)
         raise MergeError(f"{method}: tensors to merge differ in shape (sources: {listed}"
                          + (f"; base: {tuple(base.shape)})" if base is not None else ")")
                          + "; all models must share one architecture")
-    for t in [*tensors, *([base] if base is not None and spec.needs_base else [])]:
+    for t in [*tensors, *([base] if base is not None and spec.takes_base else [])]:
         if not t.is_floating_point():
             raise MergeError(f"{method}: cannot merge a {t.dtype} tensor; only float tensors are merged")
     if spec.stochastic:

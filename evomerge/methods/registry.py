@@ -8,7 +8,8 @@ Kernel calling convention (every registered function follows it)::
         -> Tensor (float32, same device and shape as the inputs)
 
 * ``tensors`` are the sources' versions of one tensor (the base is *not* among them), any float dtype.
-* ``base`` is the base model's version when the method ``needs_base`` (else ``None``).
+* ``base`` is the base model's version when the method ``needs_base``, or when it takes an
+  ``optional_base`` and the recipe has one (else ``None``).
 * per-source parameters arrive as ``list[float]`` aligned with ``tensors``; global ones as scalars.
 * ``generator`` is a seeded ``torch.Generator`` on the tensors' device for stochastic methods.
 * kernels compute in float32 on the inputs' device and return float32; the caller casts to the
@@ -85,6 +86,12 @@ class MethodSpec:
     max_sources: int | None = None
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
+    optional_base: bool = False  # merges with or without a base (e.g. task vectors when given)
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a recipe of this method may name a base model (required or optional)."""
+        return self.needs_base or self.optional_base
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
@@ -121,12 +128,16 @@ def register_method(
     *,
     params: tuple[ParamSpec, ...] | list[ParamSpec] = (),
     needs_base: bool,
+    optional_base: bool = False,
     stochastic: bool = False,
     min_sources: int = 1,
     max_sources: int | None = None,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering a kernel under ``name`` (and ``aliases``) with its parameter declarations."""
+    """Decorator registering a kernel under ``name`` (and ``aliases``) with its parameter declarations.
+    ``optional_base`` (with ``needs_base=False``): the method takes a base when the recipe has one."""
+    if needs_base and optional_base:
+        raise RuntimeError(f"merge method '{name}': needs_base and optional_base exclude each other")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = MethodSpec(
@@ -139,6 +150,7 @@ def register_method(
             max_sources=max_sources,
             doc=(fn.__doc__ or "").strip(),
             aliases=tuple(aliases),
+            optional_base=optional_base,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

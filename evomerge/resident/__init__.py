@@ -21,8 +21,10 @@ nothing the size of a model is allocated per candidate.
   inside the kernel from (seed, source, flat index): no random stream, no mask in memory, and the
   same masks as the reference on every device.
 * Fast paths: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs(_ties), slerp,
-  stacks and data-flow paths. Other methods (della, model_stock, passthrough, rescale_l1) run the
-  reference kernel on the resident tensors (exact; one tensor's temporaries at a time).
+  stacks and data-flow paths. Every other method (della, model_stock, passthrough, rescale_l1, and
+  nuslerp, multislerp, karcher, nearswap, sce, arcee_fusion, ram, ramplus_tl: any method not in
+  ``FAST_METHODS``) runs its registered reference kernel on the resident tensors (exact; one
+  tensor's temporaries at a time).
 
 Exactness: with ``fused=False`` the kernels run eagerly and give the reference's tensors (bit for
 bit for the deterministic and DARE paths with the same seed, see tests/test_resident.py); with

@@ -138,7 +138,7 @@ class PSSpace:
                                                else self._assemble(p, params, src))
         return MergeRecipe(
             method=spec.name,
-            base=self.base if spec.needs_base else None,
+            base=self.base if spec.takes_base else None,
             sources=[SourceSpec(model=ref, params=per_source[name]) for name, ref in self.sources],
             params=glob, dtype=self.dtype, seed=self.seed,
         )

@@ -184,6 +184,13 @@ def parse_ps(c: Checker, raw: dict, seed: int, dtype: str | None, sizes) -> tupl
                   f"set `{name}: <value>` or `{name}: {{low: .., high: ..}}`")
         else:
             choices[name] = ParamChoice("default")
+    for name, ps_ in declared.items():
+        scopes = {q.scope for q in ps_}
+        if len(scopes) > 1 and name in choices and choices[name].mode == "search":
+            owners = ", ".join(f"{s.name} ({q.scope})" for s in specs for q in s.params if q.name == name)
+            c.add(f"ps.params.{name}", f"'{name}' is per source in some methods and global in others "
+                  f"({owners}); one search dimension cannot serve both",
+                  f"fix `{name}: <value>`, or search these methods in separate spaces")
     modules = raw.get("modules") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
         c.add("ps.modules", f"expected a list of tensor-name filters, got {modules!r}",
