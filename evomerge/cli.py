@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0, 2 for bad input or a failed command (one
     ``error: ...`` line, no traceback), 130 on Ctrl-C, an error's own ``exit_code`` (3: a search
     stopped by a fault). Usage errors and ``--help`` return argparse's status instead of exiting."""
+    import warnings
+
+    # warnings meant for users (e.g. a mergekit key mergekit ignores) as one line each, no source line
+    warnings.showwarning = lambda message, category, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -181,6 +181,7 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
     if problems:
         raise ConfigError(problems, source=source)
     if out["kind"] == "merge":
+        _drop_ignored(out, method, at)
         for k, v in MERGEKIT_DEFAULTS.get(method, {}).items():
             if k not in out["params"] and not any(k in s["params"] for s in out["sources"]):
                 out["params"][k] = v
@@ -195,6 +196,32 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
         # mergekit evaluates gradients at t = 0 for the tensors after the layers (final norm, head)
         recipe = recipe.model_copy(update={"head_t": 0.0})
     return recipe
+
+
+class MergekitIgnoredWarning(UserWarning):
+    """A key of a mergekit config that mergekit accepts and ignores; evomerge drops it and says so."""
+
+
+def _drop_ignored(out: dict[str, Any], method: str, at) -> None:
+    """Drop parameters ``method`` does not take (mergekit passes every parameter to every method and
+    each reads only its own, so e.g. a ``weight`` given to ``slerp`` or ``model_stock`` sources has no
+    effect there): one warning each, naming where it was. evomerge's own recipes stay strict."""
+    import warnings
+
+    from evomerge.methods.registry import get_method
+
+    spec = get_method(method)
+    known = {p.name for p in spec.source_params()} | {p.name for p in spec.global_params()}
+    dropped = [(f"parameters.{k}", k) for k in out["params"] if k not in known]
+    for k in [k for _, k in dropped]:
+        del out["params"][k]
+    for i, src in enumerate(out["sources"]):
+        for k in [k for k in src["params"] if k not in known]:
+            dropped.append((f"{src['model']}: parameters.{k}", k))
+            del src["params"][k]
+    for where, k in dropped:
+        warnings.warn(f"{at(where)}: mergekit's {method} does not use '{k}' (it accepts and ignores it); "
+                      f"evomerge drops it", MergekitIgnoredWarning, stacklevel=3)
 
 
 def _gradients(recipe: MergeRecipe) -> bool:

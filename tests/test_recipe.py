@@ -100,6 +100,27 @@ def test_mergekit_import_models_form():
     assert from_mergekit(back) == r
 
 
+def test_mergekit_keys_mergekit_ignores_are_dropped_with_a_warning():
+    """mergekit passes every parameter to every method and each reads its own: a `weight` on slerp or
+    model_stock sources (mergekit's own tests pass one) is accepted there, so the import drops it and
+    says where; evomerge's own recipe format stays strict."""
+    from evomerge.mergekit_compat import MergekitIgnoredWarning
+
+    cases = [({"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.3, "weight": 1.0},
+               "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.5}}]}, 2),
+             ({"merge_method": "model_stock", "base_model": "a",
+               "models": [{"model": "b", "parameters": {"weight": 1.0}}, {"model": "c", "parameters": {"weight": 1.0}}]}, 2)]
+    for cfg, n in cases:
+        with pytest.warns(MergekitIgnoredWarning) as caught:
+            got = from_mergekit(cfg)
+        assert len(caught) == n and all("does not use 'weight'" in str(w.message) for w in caught)
+        clean = {**cfg, "models": [{"model": m["model"]} for m in cfg["models"]],
+                 "parameters": {k: v for k, v in (cfg.get("parameters") or {}).items() if k != "weight"}}
+        assert got == from_mergekit(clean)
+    with pytest.raises(ConfigError, match="weight"):  # evomerge's own format: refused
+        parse_recipe({"method": "slerp", "base": "a", "sources": [{"model": "b", "params": {"weight": 0.5}}]})
+
+
 def test_mergekit_import_via_load_recipe_and_errors(tmp_path):
     f = tmp_path / "mk.yaml"
     f.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": "a",
