@@ -165,6 +165,7 @@ class LmEvalEvaluator:
 
     def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
                  limit: int | None = None) -> EvalOutcome:
+        from evomerge.evaluate.backends.vllm import once_more_on_engine_failure
         from evomerge.evaluate.lmeval import lmeval_score
 
         start = time.perf_counter()
@@ -175,10 +176,11 @@ class LmEvalEvaluator:
         if res is None:
             model = self.model(recipe)
             tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-            res = lmeval_score(model, tok, self.tasks, include_path=self.include_path, samples=samples,
-                               batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
-                               apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
-                               model_args=self.model_args, tasks_from=self.task_manager, backend=self.backend)
+            res = once_more_on_engine_failure(lambda: lmeval_score(
+                model, tok, self.tasks, include_path=self.include_path, samples=samples,
+                batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,
+                apply_chat_template=self.apply_chat_template, gen_kwargs=self.gen_kwargs,
+                model_args=self.model_args, tasks_from=self.task_manager, backend=self.backend))
             self.cache.put(key, res)
         scores = {name: r.score for name, r in res.tasks.items() if name in self.tasks}
         n = {name: r.n for name, r in res.tasks.items() if name in self.tasks}
@@ -190,13 +192,7 @@ class LmEvalEvaluator:
         scores["combined"] = sum(scores[name] for name in self.listed) / k
         n["combined"] = sum(n[t] for t in self.tasks)
         se["combined"] = math.sqrt(sum(se[name] ** 2 for name in self.listed)) / k
-        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend_stats())
-
-    def backend_stats(self) -> dict[str, float]:
-        """What the backend has done in this worker so far (engine starts, reloads and their seconds;
-        empty for ``hf``)."""
-        stats = getattr(self.backend, "stats", None)
-        return stats() if stats is not None else {}
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend.stats())
 
     def close(self) -> None:
         """Stop what the backend started (vLLM engines)."""

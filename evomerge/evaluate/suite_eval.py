@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.evaluate.backends.vllm import EngineFailure
+from evomerge.evaluate.backends.vllm import once_more_on_engine_failure
 from evomerge.recipe import Recipe, model_refs, recipe_hash
 from evomerge.evaluate.evaluators import EvalOutcome, register_evaluator, worker_name
 
@@ -90,21 +90,11 @@ class SuiteEvaluator:
         if res is None:
             model = self.model(recipe)
             tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-            try:
-                res = scorer.score(model, tok, model_key=model_key)
-            except EngineFailure:
-                # the serving engine died under this candidate: once more on a fresh engine (a
-                # second failure is the candidate's own error, recorded by the executor)
-                res = scorer.score(model, tok, model_key=model_key)
+            res = once_more_on_engine_failure(lambda: scorer.score(model, tok, model_key=model_key))
         scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
-        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend_stats())
-
-    def backend_stats(self) -> dict[str, float]:
-        """What the backend has done in this worker so far (engine starts, reloads and their seconds)."""
-        stats = getattr(self.backend, "stats", None)
-        return stats() if stats is not None else {}
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend.stats())
 
     def close(self) -> None:
         """Stop what the backend started (vLLM engines)."""

@@ -41,6 +41,10 @@ class HFBackend:
     def lm(self, model, tokenizer, *, batch_size: int = 64, device: torch.device | None = None) -> "HFLM":
         return HFLM(model, tokenizer, batch_size, device)
 
+    def stats(self) -> dict[str, float]:
+        """Nothing started, nothing loaded: no counters."""
+        return {}
+
     def close(self) -> None:
         pass
 

@@ -121,6 +121,16 @@ class EngineFailure(EvalError):
     call starts a fresh one, so the caller can retry the candidate)."""
 
 
+def once_more_on_engine_failure(score):
+    """``score()``, and once more if the serving engine failed under it (the failed engine is closed,
+    so the second call runs on a fresh one); a second failure is the candidate's own error. Every
+    evaluator scoring through a backend calls this, so none special-cases engine deaths itself."""
+    try:
+        return score()
+    except EngineFailure:
+        return score()
+
+
 def _is_cuda(device: torch.device | None) -> bool:
     return device is not None and device.type == "cuda"
 
@@ -192,8 +202,6 @@ class VllmEngine:
         self.start_seconds = time.perf_counter() - start
         self.max_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.in_process = tp == 1
-        self.loads = 0
-        self.load_seconds = 0.0
 
     def load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Replace the engine's weights with ``tensors`` (checkpoint names) in place; seconds taken."""
@@ -204,10 +212,7 @@ class VllmEngine:
             items = [pack(name, t) for name, t in tensors]
         self.call(lambda llm: llm.collective_rpc("evomerge_load_weights", args=(items,)))
         self.call(lambda llm: llm.reset_prefix_cache())
-        seconds = time.perf_counter() - start
-        self.loads += 1
-        self.load_seconds += seconds
-        return seconds
+        return time.perf_counter() - start
 
     def call(self, fn):
         """``fn(llm)``; any failure of the engine becomes :class:`EngineFailure` and closes it."""
@@ -352,21 +357,16 @@ class VllmLM:
 
     def generate_requests(self, reqs: list[tuple[str, int, tuple[str, ...]]]) -> list[str]:
         """Greedy generations for (prompt, max_new_tokens, stop strings) requests, all in one engine
-        call (vLLM schedules them together), in order."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts, params = [], []
+        call (vLLM schedules them together), in order: the same token ids and the same finishing
+        (cut at EOS, decoded, cut at the first stop string) as the ``hf`` backend."""
+        token_reqs = []
         for prompt, max_new, until in reqs:
             ids = (self.prefix + self.encode(prompt))[-max(1, self.max_len - max_new):]
             if not ids:
                 raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(temperature=0.0, max_tokens=max_new, stop=list(until) or None,
-                                         skip_special_tokens=True))
-        outs = self.engine.call(lambda llm: llm.generate(prompts, params, use_tqdm=False))
-        return [generation_text(self.tok, list(out.outputs[0].token_ids), self.eos, until)
-                for out, (_, _, until) in zip(outs, reqs)]
+            token_reqs.append((ids, max_new, list(until)))
+        return [generation_text(self.tok, ids, self.eos, until)
+                for ids, (_, _, until) in zip(self.generate_tokens(token_reqs), reqs)]
 
     def loglik_tokens(self, reqs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding yields the continuation) per
@@ -402,14 +402,10 @@ class VllmLM:
         engine call: the generated token ids (up to and including EOS or the token that completed a
         stop string), decoded and cut by the caller. Prompts are used as given."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
-        prompts, params = [], []
-        for ids, max_new, until in reqs:
-            if not ids:
-                raise EvalError("a generation prompt encodes to no tokens")
-            prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
-            params.append(SamplingParams(temperature=0.0, max_tokens=max_new, stop=[u for u in until if u] or None,
-                                         skip_special_tokens=True))
-        outs = self.engine.call(lambda llm: llm.generate(prompts, params, use_tqdm=False))
+        if any(not ids for ids, _, _ in reqs):
+            raise EvalError("a generation prompt encodes to no tokens")
+        params = [SamplingParams(temperature=0.0, max_tokens=max_new, stop=[u for u in until if u] or None,
+                                 skip_special_tokens=True) for _, max_new, until in reqs]
+        outs = self._run([list(ids) for ids, _, _ in reqs], params)
         return [list(out.outputs[0].token_ids) for out in outs]
