@@ -13,7 +13,9 @@ import re
 import sys
 import time
 
+from evomerge.dtypes import DTYPE_NAMES
 from evomerge.errors import EvomergeError
+from evomerge.splits import SEARCH, SPLITS
 
 
 def _device(name: str) -> str:
@@ -63,7 +65,7 @@ def size_arg(text: str) -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.checkpoint import check_output_path
     from evomerge.materialize import merge_to_disk
-    from evomerge.recipe import load_recipe
+    from evomerge.loader import load_recipe
 
     device = _device(args.device)
     out = check_output_path(args.out, overwrite=args.overwrite)  # before any work, with CLI wording
@@ -87,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("merge", help="materialize a recipe (evomerge or mergekit YAML) as a checkpoint")
-    p.add_argument("recipe", help="recipe YAML (evomerge format, or a mergekit config)")
-    p.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="output dtype (default: the recipe's, else the base model's)")
-    p.add_argument("--shard-size", type=size_arg, default="5GB",
-                   help="largest shard file, e.g. 2GB, 500MB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_merge)
+    command = sub.add_parser("merge", help="materialize a recipe (evomerge or mergekit YAML) as a checkpoint")
+    command.add_argument("recipe", help="recipe YAML (evomerge format, or a mergekit config)")
+    command.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
+    command.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    command.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                         help="output dtype (default: the recipe's, else the base model's)")
+    command.add_argument("--shard-size", type=size_arg, default="5GB",
+                         help="largest shard file, e.g. 2GB, 500MB (default 5GB)")
+    command.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    command.set_defaults(func=cmd_merge)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -107,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evomerge.evaluate.cli import eval_command
 
-    return eval_command(args.model, args.suite, split=args.split, limit=args.limit, device=_device(args.device),
+    if args.ensemble or args.fusion_recipe:  # a fused candidate (evomerge.fusion)
+        from evomerge.fusion.cli import ensemble_eval_command
+
+        return ensemble_eval_command(args.model, args.suite, args.ensemble, weights=args.weights, judge=args.judge,
+                                     normalize=args.normalize, moa_config=args.moa_config,
+                                     recipe_path=args.fusion_recipe, split=args.split, limit=args.limit,
+                                     device=_device(args.device), batch_size=args.batch_size, backend=args.backend,
+                                     vllm_options=args.vllm_option)
+    fusion_only = [flag for flag, value in (("--weights", args.weights), ("--judge", args.judge),
+                                            ("--normalize", args.normalize), ("--moa-config", args.moa_config)) if value]
+    if fusion_only:
+        print(f"error: {', '.join(fusion_only)}: for ensembles only (fix: add --ensemble logit|panel|moa)", file=sys.stderr)
+        return 2
+    if len(args.model) != 1:
+        print(f"error: evomerge eval scores one model folder, got {len(args.model)} (fix: give one folder, or fuse "
+              f"several with --ensemble logit|panel|moa)", file=sys.stderr)
+        return 2
+    return eval_command(args.model[0], args.suite, split=args.split, limit=args.limit, device=_device(args.device),
                         batch_size=args.batch_size, backend=args.backend, vllm_options=args.vllm_option)
 
 
@@ -121,19 +140,32 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def _register_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a checkpoint on task suites and print a table")
-    p.add_argument("model", help="model folder (HF checkpoint with tokenizer)")
-    p.add_argument("--suite", action="append", required=True, help="suite YAML (repeatable)")
-    p.add_argument("--split", choices=["search", "held-out"], default="search")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="score a seeded subsample of this many items per task")
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf: the transformers model in this process (default); vllm: a vLLM engine (the vllm extra)")
-    p.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a vLLM engine option, e.g. kv_cache_gb=2 or tensor_parallel_size=2 (repeatable)")
-    p.set_defaults(func=cmd_eval)
+    command = sub.add_parser("eval", help="score a checkpoint on task suites and print a table")
+    command.add_argument("model", nargs="*", help="model folder (HF checkpoint with tokenizer); with --ensemble, the "
+                                                  "models to fuse")
+    command.add_argument("--suite", action="append", required=True, help="suite YAML (repeatable)")
+    command.add_argument("--split", choices=SPLITS, default=SEARCH)
+    command.add_argument("--limit", type=positive_int, default=None,
+                         help="score a seeded subsample of this many items per task")
+    command.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    command.add_argument("--batch-size", type=positive_int, default=64)
+    command.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                         help="hf: the transformers model in this process (default); vllm: a vLLM engine (the vllm extra)")
+    command.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="a vLLM engine option, e.g. kv_cache_gb=2 or tensor_parallel_size=2 (repeatable)")
+    fusion = command.add_argument_group("ensembles (run the models together instead of merging: docs/fusion.md)")
+    fusion.add_argument("--ensemble", choices=["logit", "panel", "moa"], default=None,
+                        help="logit: pooled next-token log-probabilities; panel: every model answers, the most "
+                             "likely answer wins; moa: Mixture-of-Agents (with --moa-config)")
+    fusion.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                        help="logit: one weight per model (normalised; default equal)")
+    fusion.add_argument("--judge", default=None, metavar="MODEL", help="panel: rank the answers by this model")
+    fusion.add_argument("--normalize", action="store_true", help="panel: rank by per-token log-likelihood")
+    fusion.add_argument("--moa-config", default=None, metavar="FILE",
+                        help="moa: agents (local folders or OpenAI-compatible endpoints), layers, aggregator")
+    fusion.add_argument("--fusion-recipe", default=None, metavar="FILE",
+                        help="a kind: fusion recipe YAML instead of the models and flags")
+    command.set_defaults(func=cmd_eval)
     z = sub.add_parser("zoo", help="the demo model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     b = zsub.add_parser("build", help="rebuild the demo zoo checkpoints and suite data (deterministic, CPU)")

@@ -81,3 +81,47 @@ def parse_yaml_text(text: str, path: str | Path, what: str = "YAML file") -> Any
                                   "split the file (a mergekit-multi file is not supported: merge each "
                                   "document separately)"), source=str(path))
     return docs[0]
+
+
+def yaml_key_lines(text: str) -> dict[tuple[Any, ...], int]:
+    """The 1-based line of every key and list entry of a (valid, one-document) YAML text, by key path:
+    ``{("ps",): 5, ("ps", "sources"): 7, ("ps", "sources", 0): 8, ...}``."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        lines: dict[tuple[Any, ...], int] = {}
+        if root is not None:
+            _walk_lines(loader, root, (), lines)
+        return lines
+    except yaml.YAMLError:
+        return {}
+    finally:
+        loader.dispose()
+
+
+def _walk_lines(loader: Any, node: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            try:
+                key = loader.construct_object(key_node, deep=True)
+            except yaml.YAMLError:
+                continue
+            if isinstance(key, (str, int, float, bool)):
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                _walk_lines(loader, value_node, path + (key,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk_lines(loader, item, path + (i,), lines)
+
+
+def load_yaml_document(path: str | Path, what: str = "YAML file") -> tuple[Any, dict[tuple[Any, ...], int], str]:
+    """``(data, key lines, text)`` of a one-document YAML file: :func:`load_yaml_file` plus where each
+    key is (see :func:`yaml_key_lines`) and the text as read (for a content hash)."""
+    text = read_text_file(path, what)
+    data = parse_yaml_text(text, path, what)
+    return data, yaml_key_lines(text), text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,14 @@ from evomerge.checkpoint import (TOKENIZER_CORE, Checkpoint, CheckpointWriter, T
                                  check_device, check_output_path, completeness_problems, has_tokenizer,
                                  layer_tensor_name, parse_size, split_layer_name)
 from evomerge.dataflow import cumulative_scales, fold_factor
+from evomerge.dtypes import TORCH_DTYPE_NAMES as DTYPE_NAMES, TORCH_DTYPES
 from evomerge.errors import CheckpointError, ConfigError, IncompatibleModelsError, MergeError, Problem
 from evomerge.methods import get_method, native
+from evomerge.plan_tokenizer import TokenizerPlan, embedding_rows, plan_tokenizer, tokenizer_only_dir
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, Recipe, StackRecipe, layer_t, recipe_to_yaml,
-                             resolve_param, stack_to_dataflow)
+                             resolve_param, stack_to_dataflow, tokenizer_source_model)
+from evomerge.vocab import vocab_tensor_names
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class TensorOp:
       value, both resolved for this tensor (gradients, filters, defaults).
     * ``kind="copy"``: ``inputs[0]`` as stored (its own dtype) when ``scale == 1.0``, else
       ``inputs[0].float() * scale`` (data-flow scale folding; see :func:`evomerge.dataflow.fold_factor`).
+    * ``vocab`` (token embedding / output head under a ``tokenizer:`` source whose rows differ from
+      the models'): the loaded inputs and base are first realigned to the output vocabulary,
+      ``vocab.apply({model: tensor})`` (:class:`evomerge.vocab.VocabOp`, float32), then merged or copied.
+    * data-aware methods (regmean, fisher): ``source_params["stats"]`` holds one
+      :class:`evomerge.calibration.StatRef` (or None) per input, the statistic the kernel reads.
     """
 
     kind: Literal["merge", "copy"]
@@ -62,6 +69,7 @@ class TensorOp:
     global_params: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None                # merge only: the per-tensor generator seed
     scale: float = 1.0                     # copy only
+    vocab: Any = None                      # VocabOp: rows realigned by token before the op
 
 
 @dataclass
@@ -71,27 +79,35 @@ class OutputTensor:
     op: TensorOp
     models: Mapping[str, Checkpoint] = field(repr=False, compare=False)  # the plan's models, by ref
 
+    def refs(self) -> list[TensorRef]:
+        """The tensors the op reads: ``inputs`` in order, then ``base``."""
+        op = self.op
+        return [*op.inputs, op.base] if op.base is not None else list(op.inputs)
+
     def load(self, device: torch.device, mapped: bool = False) -> list[torch.Tensor]:
         """The op's inputs on ``device`` as stored: ``inputs`` in order, then ``base``. ``mapped``:
         CPU tensors over memory maps of the files (:meth:`Checkpoint.map`: no read copy; drop them
         once used), moved to ``device`` when it is not the CPU."""
-        op = self.op
-        refs = [*op.inputs, op.base] if op.base is not None else list(op.inputs)
+        refs = self.refs()
         if not mapped:
             return [self.models[r.model].read(r.name, device=device) for r in refs]
         out = [self.models[r.model].map(r.name) for r in refs]
         return out if device.type == "cpu" else [t.to(device) for t in out]
 
     def compute(self, device: torch.device, mapped: bool = False,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The tensor on ``device``: float32 (or a copy's stored dtype), or a merge rounded once to
         ``out_dtype``; see :class:`TensorOp`.
 
         ``mapped``: read the inputs as memory maps (see :meth:`load`); the result may then be a view
-        of one (a copy), so write it out and drop it rather than keep it.
+        of one (a copy), so write it out and drop it rather than keep it. ``inputs``: the tensors of
+        :meth:`refs` already on ``device`` (resident executors), read instead of the files.
         """
         op = self.op
-        loaded = self.load(device, mapped)
+        loaded = self.load(device, mapped) if inputs is None else list(inputs)
+        if op.vocab is not None:
+            aligned = op.vocab.apply({r.model: t for r, t in zip(self.refs(), loaded)})
+            loaded = [aligned[r.model] for r in self.refs()]
         if op.kind == "copy":
             t = loaded[0]
             return t if op.scale == 1.0 else t.float() * op.scale
@@ -146,6 +162,8 @@ class Plan:
     tokenizer_from: Path | None
     models: dict[str, Checkpoint] = field(default_factory=dict)
     tokenizer_ref: str | None = None  # the model (recipe reference) whose tokenizer is copied
+    tokenizer: TokenizerPlan | None = None  # output vocabulary, realignment, chat template
+    statistics: dict[str, Any] = field(default_factory=dict)  # data-aware merges: model -> StatsFile
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(t.name, t.shape, self.dtype) for t in self.tensors]
@@ -202,18 +220,37 @@ def _fix_layer_config(config: dict, layer_sources: list[tuple[dict, int]]) -> di
 # parameter-space merges
 
 
-def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
+def _vocab_names(ref: Checkpoint, tp: TokenizerPlan) -> set[str]:
+    """The tensors realigned to the output vocabulary (none when the models' rows already are it)."""
+    if tp.realign is None or tp.identity:
+        return set()
+    return vocab_tensor_names(list(ref.names), ref.embedding_name, embedding_rows(ref), ref.shape)
+
+
+def _set_vocab_size(config: dict, tp: TokenizerPlan, names: set[str]) -> None:
+    if names:
+        config["vocab_size"] = tp.realign.rows
+        if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+            config["text_config"]["vocab_size"] = tp.realign.rows
+
+
+def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint], tok_dir: Path | None = None,
+                device: str = "cpu") -> Plan:
     spec = get_method(recipe.method)
     base = models[recipe.base] if recipe.base else None
     sources = [models[s.model] for s in recipe.sources]
     ref = base or sources[0]
     problems: list[str] = []
     ranged = any(s.layers for s in recipe.sources)
+    tp = plan_tokenizer(recipe, models, tok_dir)
+    vnames = _vocab_names(ref, tp)
     if not ranged:
         from evomerge.checkpoint import check_compatible
 
         check_compatible({r: models[r] for r in dict.fromkeys(([recipe.base] if recipe.base else [])
-                                                               + [s.model for s in recipe.sources])})
+                                                               + [s.model for s in recipe.sources])},
+                         vocab_names=vnames)
+    stats = _statistics(recipe, spec.name, models, device, vnames)
     n_out = (recipe.sources[0].layers[1] - recipe.sources[0].layers[0]) if ranged else ref.num_layers
     base_off = recipe.base_layers[0] if recipe.base_layers else 0
     if ranged:
@@ -243,13 +280,19 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
             problems.append(f"{ref.ref}: tensor '{input_name(name, ref_k)}' is missing")
             continue
         shape = ref.shape(input_name(name, ref_k))
+        realigned = name in vnames
+        if realigned:  # the output's rows; each input keeps its own
+            shape = (tp.realign.rows, *shape[1:])
         srcs = tuple(TensorRef(s.model, input_name(name, k)) for k, s in enumerate(recipe.sources))
         base_in = TensorRef(recipe.base, input_name(name, -1)) if base else None
         for r in srcs + ((base_in,) if base_in else ()):
             ck, nm = models[r.model], r.name
             if not ck.has(nm):
                 problems.append(f"{ck.ref}: tensor '{nm}' is missing")
-            elif tuple(ck.shape(nm)) != tuple(shape):
+            elif realigned and tuple(ck.shape(nm))[1:] != tuple(shape)[1:]:
+                problems.append(f"{ck.ref}: tensor '{nm}' has shape {list(ck.shape(nm))}, expected [*, "
+                                f"{', '.join(map(str, shape[1:]))}]")
+            elif not realigned and tuple(ck.shape(nm)) != tuple(shape):
                 problems.append(f"{ck.ref}: tensor '{nm}' has shape {list(ck.shape(nm))}, expected {list(shape)}")
         parts = split_layer_name(name)
         t = layer_t(parts[1] if parts else None, n_out, is_head=not _is_pre_weight(name), head_t=recipe.head_t)
@@ -266,7 +309,11 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
         for p in glob_specs:
             v = resolve_param(recipe.params[p.name], name, t) if p.name in recipe.params else None
             glob[p.name] = p.default if v is None else v
-        op = TensorOp("merge", srcs, base_in, spec.name, per_source, glob, _seed_for(recipe.seed, name))
+        if stats:
+            per_source["stats"] = [stats[r.model].ref(r.name) for r in srcs]
+        vop = tp.realign.op(tuple(dict.fromkeys(r.model for r in srcs + ((base_in,) if base_in else ()))),
+                            f"tensor '{name}'") if realigned else None
+        op = TensorOp("merge", srcs, base_in, spec.name, per_source, glob, _seed_for(recipe.seed, name), vocab=vop)
         out.append(OutputTensor(name, tuple(shape), op, models))
     if problems:
         raise IncompatibleModelsError("the models cannot be merged as the recipe asks:\n  - "
@@ -276,16 +323,34 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint]) -> Plan:
     if ranged:
         src_cfg = [(sources[0].config, recipe.sources[0].layers[0] + i) for i in range(n_out)]
         config = _fix_layer_config(config, src_cfg)
-    tok = models.get(recipe.tokenizer) if recipe.tokenizer else ref
-    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, ref), tok.path if tok else None, models,
-                tokenizer_ref=recipe.tokenizer or (recipe.base or recipe.sources[0].model))
+    _set_vocab_size(config, tp, vnames)
+    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, ref), tp.folder, models, tokenizer_ref=tp.ref,
+                tokenizer=tp, statistics=stats)
+
+
+def _statistics(recipe: MergeRecipe, method: str, models: dict[str, Checkpoint], device: str,
+                vnames: set[str]) -> dict[str, Any]:
+    """Data-aware methods: each source's statistics on the recipe's calibration data (computed once,
+    cached on disk; :func:`evomerge.calibration.source_statistics`)."""
+    from evomerge.recipe_sections import CALIBRATED_METHODS
+
+    if method not in CALIBRATED_METHODS:
+        return {}
+    if vnames:
+        raise IncompatibleModelsError(f"method '{method}' merges with per-source statistics, which are not realigned "
+                                      "to another vocabulary; its sources have different vocabularies (fix: merge "
+                                      "sources that share a tokenizer, or use another method)")
+    from evomerge.calibration import source_statistics
+
+    return {s.model: source_statistics(models[s.model], recipe.calibration, CALIBRATED_METHODS[method], device=device)
+            for s in recipe.sources}
 
 
 # ----------------------------------------------------------------------------------------------
 # layer stacks and data-flow paths
 
 
-def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Plan:
+def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint], tok_dir: Path | None = None) -> Plan:
     head_ref = recipe.head or recipe.embed
     embed, head = models[recipe.embed], models[head_ref]
     problems: list[str] = []
@@ -314,9 +379,16 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
     if layer_prefix is None:
         raise MergeError(f"{recipe.embed}: found no decoder layers (no tensor named '<prefix>.layers.N.*')")
 
+    tp = plan_tokenizer(recipe, models, tok_dir)
+    vnames = _vocab_names(embed, tp) | _vocab_names(head, tp)
+
     def copier(ref: str, nm: str, out_name: str, factor: float = 1.0) -> OutputTensor:
-        op = TensorOp("copy", (TensorRef(ref, nm),), scale=factor)
-        return OutputTensor(out_name, tuple(models[ref].shape(nm)), op, models)
+        shape = tuple(models[ref].shape(nm))
+        vop = None
+        if nm in vnames and shape[0] == embedding_rows(models[ref]):  # realigned to the output's rows
+            vop, shape = tp.realign.op((ref,), f"tensor '{nm}'"), (tp.realign.rows, *shape[1:])
+        op = TensorOp("copy", (TensorRef(ref, nm),), scale=factor, vocab=vop)
+        return OutputTensor(out_name, shape, op, models)
 
     out.extend(copier(recipe.embed, nm, nm) for nm in pre)
     layer_sources = []
@@ -348,54 +420,42 @@ def _plan_dataflow(recipe: DataFlowRecipe, models: dict[str, Checkpoint]) -> Pla
             diff = sorted(set(got.items()) ^ set(ref_layer.items()))[:3]
             problems.append(f"path[{k}]: layer {step.layer} of {step.model} differs from {recipe.embed}'s "
                             f"layers (e.g. {diff})")
-    if head is not embed and head.vocab_size != embed.vocab_size:
+    if head is not embed and head.vocab_size != embed.vocab_size and not vnames:
         problems.append(f"vocabularies differ: {recipe.embed} has {embed.vocab_size} tokens, "
                         f"{recipe.head} has {head.vocab_size}")
     if problems:
         raise IncompatibleModelsError("the layer path cannot be built:\n  - " + "\n  - ".join(problems))
     config = _fix_layer_config(embed.config, layer_sources)
     config["tie_word_embeddings"] = tied_out
-    tok = models.get(recipe.tokenizer) if recipe.tokenizer else embed
-    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, embed), tok.path if tok else None, models,
-                tokenizer_ref=recipe.tokenizer or recipe.embed)
+    _set_vocab_size(config, tp, vnames)
+    return Plan(recipe, config, out, _torch_dtype(recipe.dtype, embed), tp.folder, models, tokenizer_ref=tp.ref,
+                tokenizer=tp)
 
 
 # ----------------------------------------------------------------------------------------------
 # entry points
 
 
-def plan_recipe(recipe: Recipe, models: dict[str, Checkpoint] | None = None) -> Plan:
-    """Open the recipe's models (headers only), check them, and plan every output tensor."""
+def plan_recipe(recipe: Recipe, models: dict[str, Checkpoint] | None = None, *, device: str = "cpu") -> Plan:
+    """Open the recipe's models (headers only), check them, and plan every output tensor.
+
+    ``models``: already opened models by reference (resident executors); a tokenizer source that is
+    not among them is read from its folder. ``device``: where a data-aware method's statistics are
+    computed when the on-disk cache does not hold them yet."""
     from evomerge.recipe import model_refs
 
-    tok_dir = None
+    refs = model_refs(recipe)
+    src = tokenizer_source_model(recipe)
+    tok_dir = tokenizer_only_dir(recipe, refs)
     if models is None:
-        refs = model_refs(recipe)
-        tok_dir = _tokenizer_only_dir(recipe, refs)
-        models = open_models([r for r in refs if tok_dir is None or r != recipe.tokenizer])
+        models = open_models([r for r in refs if tok_dir is None or r != src])
+    elif src is not None and src not in models:
+        tok_dir = Path(src).expanduser()
     if isinstance(recipe, MergeRecipe):
-        plan = _plan_merge(recipe, models)
-    else:
-        if isinstance(recipe, StackRecipe):
-            recipe = stack_to_dataflow(recipe)
-        plan = _plan_dataflow(recipe, models)
-    if tok_dir is not None:
-        plan.tokenizer_from = tok_dir
-    return plan
-
-
-def _tokenizer_only_dir(recipe: Recipe, refs: list[str]) -> Path | None:
-    """The recipe's ``tokenizer`` as a local folder when it names a folder that holds a tokenizer but
-    no weights and no other role in the recipe (it is then not opened as a model)."""
-    tok = recipe.tokenizer
-    if not tok or refs[-1] != tok:  # model_refs lists the tokenizer last, unless it has another role
-        return None
-    path = Path(tok).expanduser()
-    if not path.is_dir() or not has_tokenizer(path):
-        return None
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return None  # a model: opened and checked like the others
-    return path
+        return _plan_merge(recipe, models, tok_dir, device)
+    if isinstance(recipe, StackRecipe):
+        recipe = stack_to_dataflow(recipe)
+    return _plan_dataflow(recipe, models, tok_dir)
 
 
 def check_merged(plan: Plan) -> None:
@@ -415,9 +475,9 @@ def check_tokenizer_source(plan: Plan) -> None:
         return
     files = ", ".join(TOKENIZER_CORE)
     where = f" in {plan.tokenizer_from}" if plan.tokenizer_from is not None else ""
-    if plan.recipe.tokenizer:
+    if tokenizer_source_model(plan.recipe):
         raise CheckpointError(
-            f"the recipe's tokenizer source {plan.recipe.tokenizer} has no tokenizer files ({files}){where}, so "
+            f"the recipe's tokenizer source {tokenizer_source_model(plan.recipe)} has no tokenizer files ({files}){where}, so "
             f"the merged model could not be evaluated or used (fix: set the recipe's `tokenizer:` key to a "
             f"model folder that has a tokenizer, e.g. the base the sources were fine-tuned from)")
     raise CheckpointError(
@@ -459,7 +519,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", d
     shard_bytes = parse_size(shard_size, "shard size (--shard-size)")
     out = check_output_path(out_dir, overwrite=overwrite)
     _check_out_is_no_input(recipe, out)
-    plan = plan_recipe(recipe)
+    plan = plan_recipe(recipe, device=device)
     if dtype:
         plan.dtype = TORCH_DTYPES[dtype]
     check_tokenizer_source(plan)
@@ -468,13 +528,15 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", d
     config["dtype"] = DTYPE_NAMES[plan.dtype]
     config.pop("torch_dtype", None)
     text = recipe_to_yaml(recipe)
-    writer = CheckpointWriter(out_dir, plan.specs(), shard_size=shard_bytes, overwrite=overwrite,
-                              metadata={"evomerge_recipe": text})
-    with writer:
-        for name, tensor in iter_tensors(plan, device, progress, mapped=True):
-            writer.write(name, tensor)
-        return writer.finish(config=config, tokenizer_from=plan.tokenizer_from,
-                             extra_files={"recipe.yaml": text})
+    with tempfile.TemporaryDirectory(prefix="evomerge-tokenizer-") as tmp:
+        # the output tokenizer first (built when the vocabulary or the chat template changes)
+        tok_from = plan.tokenizer.write(Path(tmp)) if plan.tokenizer is not None else plan.tokenizer_from
+        writer = CheckpointWriter(out_dir, plan.specs(), shard_size=shard_bytes, overwrite=overwrite,
+                                  metadata={"evomerge_recipe": text})
+        with writer:
+            for name, tensor in iter_tensors(plan, device, progress, mapped=True):
+                writer.write(name, tensor)
+            return writer.finish(config=config, tokenizer_from=tok_from, extra_files={"recipe.yaml": text})
 
 
 def _check_out_is_no_input(recipe: Recipe, out: Path) -> None:

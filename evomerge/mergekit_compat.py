@@ -10,11 +10,12 @@ scales into the output projections), and raises :class:`ConfigError` otherwise.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, Recipe, StackRecipe, has_gradient,
-                             parse_recipe, resolve_param, stack_to_dataflow)
+                             model_refs, parse_recipe, resolve_param, stack_to_dataflow, tokenizer_spec)
 
 SHARED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                   "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "nuslerp",
@@ -36,6 +37,22 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "param
              "tokenizer_source", "tokenizer", "chat_template"}
 
 
+def _lora_problems(data: dict[str, Any], at) -> list[Problem]:
+    """mergekit's ``model+lora`` references (a LoRA adapter merged into its model first): refused."""
+    refs = [("base_model", data.get("base_model"))]
+    refs += [(f"models[{i}].model", m.get("model")) for i, m in enumerate(data.get("models") or [])
+             if isinstance(m, dict)]
+    for i, sl in enumerate(data.get("slices") or []):
+        if isinstance(sl, dict):
+            refs.append((f"slices[{i}].base_model", sl.get("base_model")))
+            refs += [(f"slices[{i}].sources[{j}].model", s.get("model")) for j, s in enumerate(sl.get("sources") or [])
+                     if isinstance(s, dict)]
+    return [Problem(at(where), f"'{ref}' names a LoRA adapter to merge into its model ('model+lora'), which "
+                    f"evomerge does not load", "merge the adapter into the model first (e.g. peft's "
+                    "merge_and_unload, saved as safetensors) and name that folder")
+            for where, ref in refs if isinstance(ref, str) and "+" in ref and not Path(ref).exists()]
+
+
 def _params(raw: Any, where: str, problems: list[Problem]) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -46,6 +63,8 @@ def _params(raw: Any, where: str, problems: list[Problem]) -> dict[str, Any]:
 
 
 MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
+# keys of an output slice; mergekit reads `residual_weight` nowhere (accepted, ignored: warned about)
+SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 
 
 def is_mergekit_moe(data: Any) -> bool:
@@ -73,6 +92,9 @@ def _shape_problems(data: dict[str, Any], at) -> list[Problem]:
     if slices is not None and not isinstance(slices, list):
         problems.append(Problem(at("slices"), f"expected a list of slices, got {slices!r}"))
     for i, sl in enumerate(slices if isinstance(slices, list) else []):
+        if isinstance(sl, dict) and set(sl) - SLICE_KEYS:
+            problems.append(Problem(at(f"slices[{i}]"), f"unknown key(s) {sorted(set(sl) - SLICE_KEYS)}",
+                                    f"a slice takes {', '.join(sorted(SLICE_KEYS))}"))
         srcs = sl.get("sources") if isinstance(sl, dict) else None
         if not isinstance(srcs, list) or not srcs:
             problems.append(Problem(at(f"slices[{i}].sources"), "each slice needs a non-empty `sources` list"))
@@ -106,15 +128,12 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
                                 f"supported: {', '.join(SHARED_METHODS)}"))
     if data.get("modules"):
         problems.append(Problem(at("modules"), "multi-module mergekit configs are not supported"))
-    if data.get("tokenizer"):
-        problems.append(Problem(at("tokenizer"), "mergekit tokenizer building is not supported",
-                                "remove it and set `tokenizer_source: base` or a model path"))
-    tok = data.get("tokenizer_source")
     base = data.get("base_model")
-    if tok == "union":
-        problems.append(Problem(at("tokenizer_source"), "evomerge does not build union vocabularies",
-                                "if the models share a tokenizer, use `tokenizer_source: base`"))
-    tokenizer = base if tok == "base" else (tok if tok != "union" else None)
+    slices = data.get("slices") if isinstance(data.get("slices"), list) else []
+    if len(slices) == 1 and isinstance(slices[0], dict) and slices[0].get("base_model"):
+        base = slices[0]["base_model"]  # a slice's base_model overrides the top-level one (mergekit's rule)
+    problems += _lora_problems(data, at)
+    tokenizer = _tokenizer_section(data, base, method, at, problems)
     dtype = data.get("out_dtype") or data.get("dtype")
     gparams = _params(data.get("parameters"), at("parameters"), problems)
     if shape:  # the entries cannot be read; everything else found so far is reported with them
@@ -135,6 +154,7 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
             out["base"] = base
     elif data.get("slices"):
         slices = data["slices"]
+        _warn_slice_keys(slices, method, at)
         if method == "passthrough":
             stack, factors = [], []
             for i, sl in enumerate(slices):
@@ -198,8 +218,56 @@ def from_mergekit(data: dict[str, Any], *, source: str = "<mergekit config>") ->
     return recipe
 
 
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+
+
+def _tokenizer_section(data: dict[str, Any], base: Any, method: Any, at, problems: list[Problem]) -> Any:
+    """The recipe's ``tokenizer:`` section for mergekit's ``tokenizer_source`` / ``tokenizer`` /
+    ``chat_template`` keys. mergekit's ``base`` is its ``base_model``: kept as ``base`` where the
+    recipe has that base, else named explicitly (linear and karcher read the base as a source).
+    A ``tokenizer`` block without ``source`` gets mergekit's default, ``union``."""
+    src, block, template = data.get("tokenizer_source"), data.get("tokenizer"), data.get("chat_template")
+    if src is not None and block is not None:
+        problems.append(Problem(at("tokenizer"), "both `tokenizer_source` and `tokenizer` are set (mergekit refuses "
+                                "this too)", "keep one: `tokenizer: {source: ...}` holds the source as well"))
+        return None
+    if block is not None and not isinstance(block, dict):
+        problems.append(Problem(at("tokenizer"), f"expected a mapping with keys {sorted(TOKENIZER_KEYS)}, got {block!r}"))
+        return None
+    out: dict[str, Any] = {}
+    if block is not None:
+        for k in set(block) - TOKENIZER_KEYS:
+            problems.append(Problem(at(f"tokenizer.{k}"), f"unknown key '{k}'",
+                                    f"mergekit's tokenizer block takes {', '.join(sorted(TOKENIZER_KEYS))}"))
+        out = {k: v for k, v in block.items() if k in TOKENIZER_KEYS and v is not None}
+        out.setdefault("source", "union")
+    elif src is not None:
+        out["source"] = src
+    if out.get("source") == "base" and base and method in BASE_AS_SOURCE:
+        out["source"] = base  # the recipe has no base: name mergekit's
+    if template is not None:
+        out["chat_template"] = template
+    return out or None
+
+
 class MergekitIgnoredWarning(UserWarning):
     """A key of a mergekit config that mergekit accepts and ignores; evomerge drops it and says so."""
+
+
+def _warn_slice_keys(slices: list, method: str, at) -> None:
+    """Slice keys mergekit accepts without effect: ``residual_weight`` (read nowhere), and a slice's
+    ``base_model`` where the method takes no base (passthrough) or there are several slices."""
+    import warnings
+
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, dict):
+            continue
+        if sl.get("residual_weight") is not None:
+            warnings.warn(f"{at(f'slices[{i}].residual_weight')}: mergekit reads `residual_weight` nowhere (it "
+                          f"accepts and ignores it); evomerge drops it", MergekitIgnoredWarning, stacklevel=4)
+        if sl.get("base_model") and (method == "passthrough" or len(slices) > 1):
+            warnings.warn(f"{at(f'slices[{i}].base_model')}: {method} takes no base model here; evomerge drops it",
+                          MergekitIgnoredWarning, stacklevel=4)
 
 
 def _drop_ignored(out: dict[str, Any], method: str, at) -> None:
@@ -298,8 +366,29 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         out["dtype"] = "float32"
         if recipe.dtype != "float32":
             out["out_dtype"] = recipe.dtype
-    if recipe.tokenizer:
-        out["tokenizer_source"] = recipe.tokenizer
+    out.update(_tokenizer_out(recipe))
+    return out
+
+
+def _tokenizer_out(recipe: Recipe) -> dict[str, Any]:
+    """mergekit's keys for the recipe's ``tokenizer:`` section. ``base`` in a recipe without a base
+    model is its first model (mergekit would pick any of its models), so it is named."""
+    spec = tokenizer_spec(recipe)
+    if spec is None:
+        return {}
+    out: dict[str, Any] = {}
+    source = spec.source
+    if source == "base" and not getattr(recipe, "base", None):
+        source = model_refs(recipe)[0]
+    if spec.tokens or spec.pad_to_multiple_of:
+        block = spec.model_dump(mode="json", exclude_none=True, exclude={"chat_template"})
+        block["tokens"] = {t: {k: v for k, v in ts.items() if not (k == "force" and v is False)}
+                           for t, ts in block.get("tokens", {}).items()}
+        out["tokenizer"] = {k: v for k, v in (block | {"source": source}).items() if v not in ({}, None)}
+    elif source is not None:
+        out["tokenizer_source"] = source
+    if spec.chat_template is not None:
+        out["chat_template"] = spec.chat_template
     return out
 
 

@@ -18,8 +18,14 @@ Three kinds, told apart by ``kind`` (default ``merge``):
   multiplies the residual stream entering that layer. Materialized as a plain checkpoint by folding
   the scales into the output projections (see :mod:`evomerge.dataflow`).
 
+Every kind takes an optional ``tokenizer:`` section (a model reference, or a mapping with
+``source``, ``tokens``, ``pad_to_multiple_of``, ``chat_template``; see
+:mod:`evomerge.recipe_sections`); a ``merge`` with a data-aware method (``regmean``, ``fisher``)
+takes a ``calibration:`` section naming its data.
+
 Model references are local paths (relative paths resolve against the current directory, as in
-mergekit) or hub ids. ``load_recipe`` also reads mergekit YAML (detected by ``merge_method``).
+mergekit) or hub ids. This module reads the evomerge format only; :func:`evomerge.loader.load_recipe`
+reads a file in either format (mergekit YAML detected by ``merge_method``).
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, Problem
 from evomerge.io_utils import atomic_write_text
+from evomerge.recipe_sections import (CALIBRATED_METHODS, TOKENIZER_KEYWORDS, UNION_TAGS, CalibrationSpec,
+                                      TokenizerField, TokenizerSpec)
 
 FORMAT_VERSION = 1
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 class _Strict(BaseModel):
@@ -119,7 +126,7 @@ class SourceSpec(_Strict):
 class _RecipeCommon(_Strict):
     evomerge: Literal[1] = FORMAT_VERSION
     dtype: str | None = None
-    tokenizer: str | None = None
+    tokenizer: TokenizerField | None = None
 
     @field_validator("dtype")
     @classmethod
@@ -142,6 +149,7 @@ class MergeRecipe(_RecipeCommon):
     # gradient position of the non-layer tensors after the layers (final norm, lm_head); None: 1.
     # mergekit evaluates them at 0, so configs imported from mergekit with a gradient carry 0
     head_t: float | None = Field(default=None, ge=0.0, le=1.0)
+    calibration: CalibrationSpec | None = None  # data-aware methods (regmean, fisher) only
 
     _p = field_validator("params", mode="before")(classmethod(lambda cls, v: _coerce_params(v)))
     _h = field_validator("head_t")(classmethod(lambda cls, v: None if v == 1.0 else v))  # 1 is the default
@@ -197,6 +205,8 @@ class _Envelope(BaseModel):
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if part in UNION_TAGS:
+            continue  # tags of the tokenizer section's unions
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("merge", "stack", "dataflow") and not out:
@@ -222,7 +232,7 @@ def _pydantic_problems(err: ValidationError, source: str) -> list[Problem]:
             hint = "remove it or check its spelling against the recipe format in README.md"
         elif e["type"] == "missing":
             msg = f"required key '{loc[-1]}' is missing"
-        elif e["type"] == "union_tag_invalid":
+        elif e["type"] == "union_tag_invalid" and key == "<top>":
             msg = f"unknown recipe kind {(e.get('input') or {}).get('kind')!r}"
             hint = "use kind: merge, stack or dataflow"
         problems.append(Problem(f"{source}: {key}", msg, hint))
@@ -230,20 +240,15 @@ def _pydantic_problems(err: ValidationError, source: str) -> list[Problem]:
 
 
 def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping; raises :class:`ConfigError` listing every problem found."""
+    """Validate an evomerge recipe mapping; raises :class:`ConfigError` listing every problem found.
+    (mergekit configs: :func:`evomerge.loader.parse_config`.)"""
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a recipe must be a mapping, got {type(data).__name__}"),
                           source=source)
-    from evomerge.mergekit_compat import from_mergekit, is_mergekit_moe
-
-    if is_mergekit_moe(data):
-        raise ConfigError(Problem(source, "this is a mergekit-moe config (it has `experts` / `gate_mode`): "
-                                  "it builds a Mixture-of-Experts model, which evomerge does not",
-                                  "build it with `mergekit-moe`; evomerge merges dense models "
-                                  "(mergekit-yaml configs and evomerge recipes)"), source=source)
-    if "merge_method" in data:  # a mergekit config
-
-        return from_mergekit(data, source=source)
+    if "merge_method" in data:
+        raise ConfigError(Problem(source, "this is a mergekit config (it has `merge_method`), not an evomerge recipe",
+                                  "read it with evomerge.loader.parse_config / load_recipe, which convert it"),
+                          source=source)
     data = dict(data)
     data.setdefault("kind", "merge")
     try:
@@ -272,7 +277,7 @@ def _prune(data: dict, locs: list[tuple]) -> dict:
 
     out = copy.deepcopy(data)
     for loc in locs:
-        loc = [p for p in loc if p not in ("recipe", out.get("kind"))]
+        loc = [p for p in loc if p not in ("recipe", out.get("kind"), *UNION_TAGS)]
         node = out
         for part in loc[:-1]:
             try:
@@ -283,14 +288,6 @@ def _prune(data: dict, locs: list[tuple]) -> dict:
         if isinstance(node, dict) and loc and loc[-1] in node:
             del node[loc[-1]]
     return out
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe YAML file (evomerge or mergekit format)."""
-    from evomerge.io_utils import load_yaml_file
-
-    path = Path(path)
-    return parse_recipe(load_yaml_file(path, "recipe file"), source=str(path))
 
 
 def _value_problems(spec, value: ParamValue, where: str) -> list[Problem]:
@@ -373,6 +370,40 @@ def validate_recipe(recipe: Recipe, *, source: str = "<recipe>") -> list[Problem
             problems.append(Problem(at("sources"), "layer ranges must be given for every source"
                                     + (" and base_layers" if recipe.base else "") + " with equal lengths",
                                     f"got lengths {lengths}"))
+        problems += _calibration_problems(recipe, spec.name, at)
+    problems += _tokenizer_problems(recipe, at)
+    return problems
+
+
+def _calibration_problems(recipe: MergeRecipe, method: str, at) -> list[Problem]:
+    cal = recipe.calibration
+    if method in CALIBRATED_METHODS and cal is None:
+        return [Problem(at("calibration"), f"method '{method}' computes statistics on calibration data; none is named",
+                        "add `calibration: {suite: <suite.yaml>, split: search}` or `calibration: {jsonl: <file>, "
+                        "field: prompt}`")]
+    if method not in CALIBRATED_METHODS and cal is not None:
+        return [Problem(at("calibration"), f"method '{method}' uses no calibration data",
+                        f"remove `calibration` (data-aware methods: {', '.join(CALIBRATED_METHODS)})")]
+    if cal is not None and method != "fisher" and cal.labels is not None:
+        return [Problem(at("calibration.labels"), "`labels` chooses the Fisher's labels; it is for method 'fisher'",
+                        "remove it")]
+    return []
+
+
+def _tokenizer_problems(recipe: Recipe, at) -> list[Problem]:
+    """A ``tokens`` rule must take its row from a model whose embedding / head rows the recipe reads."""
+    spec = tokenizer_spec(recipe)
+    if spec is None or not spec.tokens:
+        return []
+    rows = set(vocab_models(recipe))
+    problems = []
+    for tok, ts in spec.tokens.items():
+        src = ts.source
+        model = src if isinstance(src, str) else getattr(src, "model", None)
+        if model is not None and model not in rows:
+            problems.append(Problem(at(f"tokenizer.tokens[{tok!r}].source"), f"model {model} is not one of the models "
+                                    f"whose embedding and head rows the recipe reads ({', '.join(sorted(rows))})",
+                                    "name one of them"))
     return problems
 
 
@@ -427,8 +458,49 @@ def stack_to_dataflow(recipe: StackRecipe) -> DataFlowRecipe:
                           tokenizer=recipe.tokenizer)
 
 
+def tokenizer_spec(recipe: Recipe) -> TokenizerSpec | None:
+    """The recipe's ``tokenizer:`` section as a mapping (a bare model reference is ``{source: ref}``)."""
+    tok = recipe.tokenizer
+    return TokenizerSpec(source=tok) if isinstance(tok, str) else tok
+
+
+def tokenizer_source_model(recipe: Recipe) -> str | None:
+    """The model the ``tokenizer:`` section names as its source (not ``base`` / ``union``), if any."""
+    spec = tokenizer_spec(recipe)
+    if spec is None or spec.source is None or spec.source in TOKENIZER_KEYWORDS:
+        return None
+    return spec.source
+
+
+def vocab_models(recipe: Recipe) -> list[str]:
+    """The models whose token embedding / output head the recipe reads: a merge's base and sources,
+    a stack's or path's embed and head models."""
+    if isinstance(recipe, MergeRecipe):
+        return list(dict.fromkeys(([recipe.base] if recipe.base else []) + [s.model for s in recipe.sources]))
+    if isinstance(recipe, StackRecipe):
+        embed, head = recipe.embed or recipe.slices[0].model, recipe.head or recipe.slices[-1].model
+    else:
+        embed, head = recipe.embed, recipe.head or recipe.embed
+    return list(dict.fromkeys([embed, head]))
+
+
+def tokenizer_model(recipe: Recipe) -> str:
+    """The model whose tokenizer files serve the recipe's output unchanged (what in-memory scoring
+    loads): the ``tokenizer:`` source model, else the base (else first source, or embed model).
+    :class:`ConfigError` when the output's tokenizer is built (a ``union`` vocabulary, added
+    ``tokens``, padding rows, a chat template), which only ``evomerge merge`` writes."""
+    spec = tokenizer_spec(recipe)
+    if spec is not None and (spec.source == "union" or spec.tokens or spec.pad_to_multiple_of or spec.chat_template):
+        what = ("a union vocabulary" if spec.source == "union" else "added tokens" if spec.tokens
+                else "padding rows" if spec.pad_to_multiple_of else "a chat template")
+        raise ConfigError(Problem("tokenizer", f"this recipe builds its own output tokenizer ({what}), which in-memory "
+                                  "scoring cannot load", "merge it with `evomerge merge` and score the folder with "
+                                  "`evomerge eval`, or name a model as `tokenizer: {source: <model>}`"))
+    return tokenizer_source_model(recipe) or model_refs(recipe)[0]
+
+
 def model_refs(recipe: Recipe) -> list[str]:
-    """Every model the recipe reads, in first-mention order, without repeats."""
+    """Every model the recipe reads (weights or tokenizer), in first-mention order, without repeats."""
     refs: list[str] = []
     if isinstance(recipe, MergeRecipe):
         refs = ([recipe.base] if recipe.base else []) + [s.model for s in recipe.sources]
@@ -437,8 +509,8 @@ def model_refs(recipe: Recipe) -> list[str]:
             [x for x in (recipe.head,) if x]
     else:
         refs = [recipe.embed] + [s.model for s in recipe.path] + [x for x in (recipe.head,) if x]
-    if recipe.tokenizer:
-        refs.append(recipe.tokenizer)
+    if tokenizer_source_model(recipe):
+        refs.append(tokenizer_source_model(recipe))
     return list(dict.fromkeys(refs))
 
 
@@ -454,6 +526,11 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
             val = [{k: v for k, v in s.items() if v not in ({}, None)} for s in val]
         if key == "path":
             val = [{k: v for k, v in s.items()} for s in val]
+        if key == "tokenizer" and isinstance(val, dict):
+            val = {k: v for k, v in val.items() if v not in ({}, None)}
+            if "tokens" in val:
+                val["tokens"] = {t: {k: v for k, v in ts.items() if not (k == "force" and v is False)}
+                                 for t, ts in val["tokens"].items()}
         out[key] = val
     return out
 

@@ -21,6 +21,7 @@ import math
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -169,12 +170,12 @@ def main(argv=None) -> int:
     print(f"# plain copy of one model ({model_bytes / 1e9:.2f} GB read + written): {copy_t * 1e3:.1f} ms, "
           f"{copy_bw / 1e9:.1f} GB/s", flush=True)
     print(f"{'candidate':16s} {'ms/cand':>9s} {'GB moved':>9s} {'eff GB/s':>9s} {'% of copy BW':>13s} "
-          f"{'x floor':>8s} {'first (compile, stats)':>24s}")
+          f"{'x floor':>8s} {'first (compile, stats)':>24s}  tensors by backend")
     for method in args.methods.split(","):
         recipe = all_recipes[method]
         t_first = time.perf_counter()
         target = rs.model_for(recipe)
-        rs.materialize_into(recipe, target)  # compiles kernels, builds rank orders
+        used = Counter(rs.materialize(recipe, target).backends.values())  # compiles kernels, builds rank orders
         sync(device)
         t_first = time.perf_counter() - t_first
         t = timed(lambda: rs.materialize_into(recipe, target), device, args.reps)
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
         moved = (inputs[method] + 1) * model_bytes
         bw = moved / t
         print(f"{method:16s} {t * 1e3:9.1f} {moved / 1e9:9.2f} {bw / 1e9:9.1f} {100 * bw / copy_bw:12.0f}% "
-              f"{t / (moved / copy_bw):8.2f} {t_first:23.1f}s", flush=True)
+              f"{t / (moved / copy_bw):8.2f} {t_first:23.1f}s  "
+              + " ".join(f"{b}:{c}" for b, c in sorted(used.items())), flush=True)
     print(f"# best plain copy over the run: {copy_t * 1e3:.1f} ms, {copy_bw / 1e9:.1f} GB/s (ratios use the best "
           "copy measured up to that row)")
     print(f"# rank-order statistics held: {rs.stats_nbytes() / 1e9:.2f} GB (host); resident sources: "

@@ -4,7 +4,7 @@
 Builds (once, cached) a base and three fine-tunes locally, then for linear, ties and dare_ties runs
 `evomerge merge` and, when mergekit is installed (scripts/setup_mergekit.sh, or --mergekit PATH to
 a mergekit-yaml), `mergekit-yaml` on the same config in the same run. Each merge runs in its own
-process; wall time and that process's peak RSS (from wait4) are reported, with GB/s counted as
+process; wall time, CPU time and that process's peak RSS (from wait4) are reported, with GB/s counted as
 bytes read (every input once) plus bytes written, and the ratios mergekit / evomerge. The tools
 alternate, ``--reps`` times each (the fastest run of each is reported, all are printed); before
 every run the previous output is deleted and dirty pages are flushed, outside the clock.
@@ -54,8 +54,10 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_measured(cmd: list[str], env: dict | None = None, clear: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one child process.
+def run_measured(cmd: list[str], env: dict | None = None, clear: Path | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds: user + system) of one child process. On a shared
+    machine the CPU seconds move less than the wall time with other load (waits for the disk or for a
+    core are not counted).
 
     Before the clock starts: ``clear`` (the previous output) is removed and dirty pages are flushed
     (``sync``), so neither tool pays for the other's deletes or writeback.
@@ -71,7 +73,7 @@ def run_measured(cmd: list[str], env: dict | None = None, clear: Path | None = N
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def configs(fam: dict[str, Path], method: str) -> tuple[dict, dict]:
@@ -132,22 +134,24 @@ def main() -> int:
             if mk:
                 mk_runs.append(run_measured([mk, str(work / f"{method}.mergekit.yaml"), str(mout)], env,
                                             clear=mout))
-        wall, rss = min(ours_runs)
+        wall, rss, _ = min(ours_runs)
         gbs = (read + dir_bytes(out)) / wall / 1e9
         row = {"method": method, "ours_s": wall, "ours_rss": rss, "ours_gbs": gbs,
-               "ours_all_s": [round(w, 2) for w, _ in ours_runs]}
+               "ours_cpu_s": min(c for _, _, c in ours_runs),
+               "ours_all_s": [round(w, 2) for w, _, _ in ours_runs]}
         if mk:
-            mwall, mrss = min(mk_runs)
-            row.update(mk_s=mwall, mk_rss=mrss, speedup=mwall / wall, mk_all_s=[round(w, 2) for w, _ in mk_runs])
+            mwall, mrss, _ = min(mk_runs)
+            row.update(mk_s=mwall, mk_rss=mrss, speedup=mwall / wall, mk_all_s=[round(w, 2) for w, _, _ in mk_runs])
         rows.append(row)
         print(row, file=sys.stderr)
     print(f"\nfamily: {SHAPE} bf16, {dir_bytes(fam['base']) / 1e9:.2f} GB per model; device {args.device}")
-    head = "| method | evomerge s | evomerge GB/s | evomerge peak RSS MiB |"
+    head = "| method | evomerge s | evomerge CPU s | evomerge GB/s | evomerge peak RSS MiB |"
     head += " mergekit s | mergekit peak RSS MiB | speed-up |" if mk else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        line = f"| {r['method']} | {r['ours_s']:.2f} | {r['ours_gbs']:.2f} | {r['ours_rss']:.0f} |"
+        line = (f"| {r['method']} | {r['ours_s']:.2f} | {r['ours_cpu_s']:.2f} | {r['ours_gbs']:.2f} "
+                f"| {r['ours_rss']:.0f} |")
         if mk:
             line += f" {r['mk_s']:.2f} | {r['mk_rss']:.0f} | {r['speedup']:.1f}x |"
         print(line)

@@ -20,6 +20,15 @@ arcee_fusion, ram and ramplus_tl), merges each with both tools and reports, per 
 Rows named ``export:...`` go the other way: an evomerge recipe (gradients, a data-flow path with
 scales) merged by evomerge, against its ``to_mergekit`` export merged by mergekit.
 
+Rows named ``tok:...`` merge models whose vocabularies differ (variants of the family that add
+tokens: ``chat`` adds ``<|im_start|>`` / ``<|im_end|>``, ``tool`` adds ``<tool>``, ``tool2`` adds
+``<|im_end|>`` alone) under mergekit's tokenizer options: ``tokenizer_source`` ``union`` / ``base`` /
+a model, a ``tokenizer:`` block with per-token rules and ``pad_to_multiple_of``, a passthrough stack,
+and a ``chat_template``. The family's models have 512 embedding rows for 260 tokens, so the output
+vocabulary drops the unused rows. The two outputs' tokenizers must hold the same tokens; the
+embedding and head rows are compared by token string (mergekit numbers a union's new tokens in an
+order that varies from run to run); the ``vocab`` column says whether the ids agree as well.
+
 "Within bf16 rounding" means ``bf16 ulps <= 1``: what float32 results that differ only in the
 order of operations give when rounded. The exit status is 1 when a method exceeds it. mergekit
 computes in the config's ``dtype`` (float32 here; ``--compute bfloat16`` shows what its bfloat16
@@ -159,6 +168,48 @@ def native_recipes(f: dict[str, str], dtype: str) -> dict[str, dict]:
     }
 
 
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def build_vocab_family(root: Path, fam: dict[str, str]) -> dict[str, str]:
+    """Variants of the family's experts with added tokens (see the module docstring)."""
+    from evomerge.tiny_vocab import build_vocab_variant
+
+    stamp = root / ".complete"
+    out = {n: str(root / n) for n in ("chat", "tool", "tool2")}
+    if not stamp.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        build_vocab_variant(out["chat"], fam["expert1"], add_tokens=["<|im_start|>", "<|im_end|>"], seed=21)
+        build_vocab_variant(out["tool"], fam["expert2"], add_tokens=["<tool>"], seed=22)
+        build_vocab_variant(out["tool2"], fam["expert3"], add_tokens=["<|im_end|>"], seed=23)
+        stamp.write_text("ok")
+    return out
+
+
+def tokenizer_configs(f: dict[str, str], v: dict[str, str], common: dict) -> dict[str, dict]:
+    """mergekit configs over models with different vocabularies (rows ``tok:...``)."""
+    base, chat, tool, tool2 = f["base"], v["chat"], v["tool"], v["tool2"]
+    ta = {"merge_method": "task_arithmetic", **common, "base_model": base,
+          "models": [{"model": chat, "parameters": {"weight": 0.7}}, {"model": tool, "parameters": {"weight": 0.5}}]}
+    return {
+        "tok:union": ta | {"tokenizer_source": "union", "chat_template": "chatml"},
+        "tok:base_ties": {"merge_method": "ties", **common, "base_model": base, "tokenizer_source": "base",
+                          "models": [{"model": chat, "parameters": {"weight": 0.6, "density": 0.5}},
+                                     {"model": tool2, "parameters": {"weight": 0.4, "density": 0.7}}]},
+        "tok:model_linear": {"merge_method": "linear", **common, "tokenizer_source": chat,
+                             "models": [{"model": tool, "parameters": {"weight": 0.3}},
+                                        {"model": tool2, "parameters": {"weight": 0.7}}]},
+        "tok:tokens_block": ta | {"tokenizer": {
+            "source": "union", "pad_to_multiple_of": 64,
+            "tokens": {"<|im_end|>": {"source": {"kind": "model_token", "model": tool, "token": "</s>"}, "force": True},
+                       "<tool>": {"source": {"kind": "zero"}},
+                       "<|im_start|>": {"source": chat},
+                       "<new>": {"source": {"kind": "model_token", "model": chat, "token_id": 7}}}}},
+        "tok:passthrough_union": {"merge_method": "passthrough", **common, "tokenizer_source": "union", "slices": [
+            {"sources": [{"model": chat, "layer_range": [0, 3]}]}, {"sources": [{"model": tool, "layer_range": [1, 4]}]}]},
+    }
+
+
 def find_mergekit(arg: str | None) -> str | None:
     if arg:
         return arg
@@ -166,19 +217,40 @@ def find_mergekit(arg: str | None) -> str | None:
     return str(default) if default.exists() else None
 
 
+def token_order(a_dir: Path, b_dir: Path) -> tuple[str, object]:
+    """How the two outputs' vocabularies relate: ``same ids``, ``same tokens, other ids`` (with the
+    rows of ``a`` in ``b``'s order), or SystemExit when their tokens differ."""
+    import torch
+
+    from evomerge.vocab import read_vocab
+
+    va, vb = read_vocab(a_dir), read_vocab(b_dir)
+    if va is None or vb is None or va.tokens == vb.tokens:
+        return "same ids", None
+    if set(va.tokens) != set(vb.tokens) or len(va) != len(vb):
+        raise SystemExit(f"the output tokenizers hold different tokens: only in {a_dir}: "
+                         f"{sorted(set(va.tokens) - set(vb.tokens))[:5]}, only in {b_dir}: "
+                         f"{sorted(set(vb.tokens) - set(va.tokens))[:5]}")
+    return "same tokens, other ids", torch.tensor([va.index[t] for t in vb.tokens])
+
+
 def compare(a_dir: Path, b_dir: Path) -> dict:
-    """Per-checkpoint comparison of two outputs (same tensor names and shapes required)."""
+    """Per-checkpoint comparison of two outputs (same tensor names and shapes required; embedding
+    and head rows matched by token when the tokenizers number their tokens differently)."""
     import torch
 
     from evomerge.checkpoint import Checkpoint
 
     a, b = Checkpoint.open(a_dir), Checkpoint.open(b_dir)
+    vocab, order = token_order(a_dir, b_dir)
     if set(a.names) != set(b.names):
         raise SystemExit(f"tensor names differ: only in {a_dir}: {sorted(set(a.names) - set(b.names))[:5]}, "
                          f"only in {b_dir}: {sorted(set(b.names) - set(a.names))[:5]}")
     worst, rel, ulps, differ, total = 0.0, 0.0, 0.0, 0, 0
     for name in a.names:
         x, y = a.read(name).float(), b.read(name).float()
+        if order is not None and name in VOCAB_TENSORS:
+            x = torch.cat([x[order], x[len(order):]])  # token rows in b's order, padding rows as they are
         if x.shape != y.shape:
             raise SystemExit(f"{name}: shape {list(x.shape)} vs {list(y.shape)}")
         if not x.numel():
@@ -200,7 +272,7 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
         differ += int((db > 0).sum())
         total += db.numel()
     return {"max_abs": worst, "max_rel": rel, "ulps": ulps, "differ": differ / max(total, 1), "tensors": len(a.names),
-            "layers": a.num_layers}
+            "layers": a.num_layers, "vocab": f"{vocab} ({a.vocab_size} rows)"}
 
 
 def main() -> int:
@@ -227,6 +299,9 @@ def main() -> int:
     # (mergekit config, the config evomerge merges): the same file, or the native recipe exported
     runs = {m: (c, c) for m, c in cfgs.items()}
     runs |= {m: (to_mergekit(parse_recipe(r)), r) for m, r in native_recipes(fam, args.dtype).items()}
+    common = {"dtype": args.compute} | ({"out_dtype": args.dtype} if args.dtype != args.compute else {})
+    vfam = build_vocab_family(work / f"vocab-{args.dtype}", fam)
+    runs |= {m: (c, c) for m, c in tokenizer_configs(fam, vfam, common).items()}
     methods = args.methods.split(",") if args.methods else list(runs)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rows, bad = [], []
@@ -252,10 +327,11 @@ def main() -> int:
         print(method, r, file=sys.stderr)
     print(f"\nfamily: {SHAPE} {args.dtype}; mergekit computes in {args.compute} (config `dtype`), "
           f"evomerge in float32; outputs {args.dtype}; mergekit: {mk}")
-    print("| method | tensors | layers | max abs diff | max rel diff | bf16 ulps | bf16 differ |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | tensors | layers | vocab | max abs diff | max rel diff | bf16 ulps | bf16 differ |")
+    print("|---|---|---|---|---|---|---|---|")
     for method, r in rows:
-        print(f"| {method} | {r['tensors']} | {r['layers']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['ulps']:.0f} | {100 * r['differ']:.3f}% |")
+        print(f"| {method} | {r['tensors']} | {r['layers']} | {r['vocab']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} "
+              f"| {r['ulps']:.0f} | {100 * r['differ']:.3f}% |")
     if bad:
         print(f"beyond bf16 rounding: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0

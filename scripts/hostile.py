@@ -655,7 +655,7 @@ def build_cases() -> None:  # noqa: PLR0915 - one table
     # ---- Ray (with --ray)
     case("ray: kill -9 of a worker mid-search", "ray", ["search", "s.yaml", "--study-dir", "study", "--limit", "2",
                                                         "--workers", "2", "-q"], expect=0, ray=True,
-         setup=lambda c: space_yaml(c, trials=8), fault=ray_kill("ray::_Worker"),
+         setup=lambda c: space_yaml(c, trials=8), fault=ray_kill("ray::RayWorker"),
          check=both(resumes_to_budget(8), killed), timeout=400)
     case("ray: kill -9 of the dashboard agent mid-search", "ray",
          ["search", "s.yaml", "--study-dir", "study", "--limit", "2", "--workers", "2", "-q"], expect=(0, 3), ray=True,

@@ -21,3 +21,13 @@ def local_ray(address: str = "local", **kw) -> None:
     if address == "local":
         kw.setdefault("include_dashboard", False)
     ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": env}, **kw)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts a real Ray cluster or a vLLM engine takes tens of seconds: it is `slow` too,
+    so the quick loop (`-m "not slow"`) leaves it out without listing every marker."""
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("ray") or item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.slow)

@@ -58,6 +58,35 @@ def test_unknown_keys_and_kind_collected(tmp_path):
     assert str(p) in msg and len(e.value.problems) >= 3
 
 
+def test_suite_problems_name_line_and_key_with_a_fix(tmp_path):
+    p = _suite(tmp_path, "  - name: a\n    kind: multiple_choice\n    metric: f1\n    weight: -1\n"
+                         "    data: {search: x, held-out: y, train: z}\n"
+                         "  - name: b\n    kind: generate\n    max_new_tokens: '8'\n    metric: acc\n"
+                         "    extract: {rule: regex, pattern: '(('}\n    data: {search: x, held-out: y}\n"
+                         "  - 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_suite(p)
+    got = [str(problem) for problem in e.value.problems]
+    assert got == [
+        f"{p}:5: tasks[0].metric: unknown metric 'f1' (fix: use acc or acc_norm)",
+        f"{p}:6: tasks[0].weight: expected a number >= 0, got -1",
+        f"{p}:7: tasks[0].data.train: unknown key 'train' (fix: allowed keys here: held-out, search)",
+        f"{p}:10: tasks[1].max_new_tokens: expected a whole number, got '8'",
+        f"{p}:11: tasks[1].metric: unknown key 'metric' for kind 'generate' (fix: allowed keys here: data, extract, "
+        "kind, max_new_tokens, name, until, weight)",
+        f"{p}:12: tasks[1].extract: invalid regular expression '((': missing ), unterminated subpattern at position 1",
+        f"{p}:14: tasks[2]: expected a task mapping, got 3 (fix: e.g. {{name: arith, kind: generate, data: {{...}}}})",
+    ]
+
+
+def test_duplicate_task_names_are_refused(tmp_path):
+    _write(tmp_path, "s.jsonl", [{"prompt": "a", "answer": "1"}])
+    _write(tmp_path, "h.jsonl", [{"prompt": "b", "answer": "2"}])
+    task = "  - name: a\n    kind: generate\n    data: {search: s.jsonl, held-out: h.jsonl}\n"
+    with pytest.raises(ConfigError, match=r"s.yaml:6: tasks\[1\].name: duplicate task name 'a'"):
+        load_suite(_suite(tmp_path, task + task))
+
+
 def test_missing_file_malformed_line_and_overlap(tmp_path):
     _write(tmp_path, "s.jsonl", [{"prompt": "a", "answer": "1"}])
     p = _suite(tmp_path, "  - name: a\n    kind: generate\n    data: {search: s.jsonl, held-out: missing.jsonl}\n")

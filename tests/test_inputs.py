@@ -11,7 +11,7 @@ import pytest
 from evomerge.cli import main
 from evomerge.errors import ConfigError
 from evomerge.evaluate.suite import load_suite
-from evomerge.recipe import load_recipe, parse_recipe
+from evomerge.loader import load_recipe, parse_config
 from evomerge.search.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,11 @@ def test_yaml_error_names_the_line(tmp_path):
 def test_several_documents_are_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n")
+    with pytest.raises(ConfigError, match="2 merges in one file"):
+        load_recipe(path)  # a mergekit-multi file: named as such
+    path.write_text("name: a\nkind: ps\n---\nname: b\n")
     with pytest.raises(ConfigError, match="2 YAML documents"):
-        load_recipe(path)
+        load_space(path)
 
 
 def test_jsonl_bad_bytes_name_the_line(tmp_path):
@@ -64,7 +67,7 @@ def test_mergekit_every_problem_at_once():
     data = {"merge_method": "frankenmerge", "colour": "red",
             "models": [{"modle": "a"}, {"model": "b", "parameters": 3}, {"model": "c", "extra": 1}]}
     with pytest.raises(ConfigError) as err:
-        parse_recipe(data, source="mk.yaml")
+        parse_config(data, source="mk.yaml")
     wheres = [p.where for p in err.value.problems]
     assert "mk.yaml: colour" in wheres
     assert "mk.yaml: merge_method" in wheres
@@ -77,7 +80,7 @@ def test_mergekit_slices_checked_before_reading():
     data = {"merge_method": "passthrough",
             "slices": [{"sources": [{"model": "a"}]}, {"sources": []}, {"sources": [{"layer_range": [0, 2]}]}]}
     with pytest.raises(ConfigError) as err:
-        parse_recipe(data, source="mk.yaml")
+        parse_config(data, source="mk.yaml")
     wheres = [p.where for p in err.value.problems]
     assert wheres == ["mk.yaml: slices[0].sources[0].layer_range", "mk.yaml: slices[1].sources",
                       "mk.yaml: slices[2].sources[0]"]
@@ -86,7 +89,7 @@ def test_mergekit_slices_checked_before_reading():
 def test_mergekit_moe_is_named():
     data = {"base_model": "a", "gate_mode": "hidden", "experts": [{"source_model": "b"}]}
     with pytest.raises(ConfigError, match="mergekit-moe"):
-        parse_recipe(data, source="moe.yaml")
+        parse_config(data, source="moe.yaml")
 
 
 def test_cli_exit_code_2_without_traceback(tmp_path, capsys):

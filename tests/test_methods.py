@@ -1,5 +1,6 @@
 """Merge kernels against independent, deliberately naive references (Python loops over the
-entries of small tensors, float64), plus identities, determinism, statistics and declarations."""
+entries of small tensors, float64), plus identities, determinism, statistics and declarations. The
+task-vector methods and linear, on every backend, dtype and size: tests/test_kernel_matrix.py."""
 
 from __future__ import annotations
 
@@ -61,37 +62,6 @@ def ref_breadcrumbs_positions(a, density, gamma):
         top = n - keep
     order = sorted(range(n), key=lambda i: (-abs(a[i]), i))
     return set(order[top:top + keep])
-
-
-def ref_gta(base, srcs, weights, *, lam=1.0, normalize=False, elect=False, keep=None, scale=None):
-    """base + lam * merge(w_i * sparsified delta_i), entry by entry. ``keep[i]`` is the set of kept
-    flat positions of source i (None = all), ``scale[i]`` a per-position multiplier list."""
-    b = flat(base)
-    deltas = []
-    for i, s in enumerate(srcs):
-        d = [x - y for x, y in zip(flat(s), b)]
-        if keep is not None and keep[i] is not None:
-            d = [v if j in keep[i] else 0.0 for j, v in enumerate(d)]
-        if scale is not None and scale[i] is not None:
-            d = [v * c for v, c in zip(d, scale[i])]
-        deltas.append(d)
-    out = []
-    for e in range(len(b)):
-        wd = [w * d[e] for w, d in zip(weights, deltas)]
-        if elect:
-            positive = sum(wd) >= 0
-            agree = [i for i, v in enumerate(wd) if (v > 0 if positive else v < 0)]
-            merged = sum(wd[i] for i in agree)
-            div = sum(weights[i] for i in agree)
-            if normalize:
-                merged /= div if div != 0 else 1.0
-        else:
-            merged = sum(wd)
-            div = sum(weights)
-            if normalize and abs(div) >= 1e-8:
-                merged /= div
-        out.append(b[e] + lam * merged)
-    return out
 
 
 def ref_slerp(t, v0, v1):
@@ -180,44 +150,6 @@ def test_della_probs_match_reference(shape):
 # ---------------------------------------------------------------- methods vs references
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_linear_and_task_arithmetic(shape, dtype):
-    base, srcs = family(shape, dtype=dtype)
-    w = [0.5, -0.3, 1.2]
-    for normalize in (True, False):
-        out = get_method("linear")(srcs, None, weight=w, normalize=normalize)
-        ref = [sum(wi * s[e] for wi, s in zip(w, map(flat, srcs))) for e in range(base.numel())]
-        if normalize:
-            ref = [v / sum(w) for v in ref]
-        close(out, ref, shape)
-        out = get_method("task_arithmetic")(srcs, base, weight=w, normalize=normalize, **{"lambda": 0.7})
-        close(out, ref_gta(base, srcs, w, lam=0.7, normalize=normalize), shape)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_ties_matches_reference(shape, dtype):
-    base, srcs = family(shape, dtype=dtype)
-    w, dens = [1.0, 0.6, -0.4], [0.5, 0.3, 0.8]
-    keep = [ref_top_positions([x - y for x, y in zip(flat(s), flat(base))], int(d * base.numel()))
-            for s, d in zip(srcs, dens)]
-    for normalize in (True, False):
-        out = get_method("ties")(srcs, base, weight=w, density=dens, normalize=normalize, **{"lambda": 1.3})
-        close(out, ref_gta(base, srcs, w, lam=1.3, normalize=normalize, elect=True, keep=keep), shape)
-
-
-@pytest.mark.parametrize("method,elect", [("breadcrumbs", False), ("breadcrumbs_ties", True)])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_breadcrumbs_match_reference(method, elect, shape):
-    base, srcs = family(shape, dtype=torch.bfloat16)
-    w, dens, gam = [0.7, 0.5, 0.9], [0.6, 0.4, 0.9], [0.1, 0.2, 0.3]
-    keep = [ref_breadcrumbs_positions([x - y for x, y in zip(flat(s), flat(base))], d, g)
-            for s, d, g in zip(srcs, dens, gam)]
-    out = get_method(method)(srcs, base, weight=w, density=dens, gamma=gam, normalize=True)
-    close(out, ref_gta(base, srcs, w, normalize=True, elect=elect, keep=keep), shape)
-
-
 M64 = (1 << 64) - 1
 
 
@@ -238,18 +170,6 @@ def ref_dare_keep(seed, source, j, density):
     x = (x * 0x735A2D97) & 0xFFFFFFFF
     x ^= x >> 15
     return (x >> 8) < round(density * 2 ** 24)
-
-
-@pytest.mark.parametrize("method,elect", [("dare_linear", False), ("dare_ties", True)])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_dare_matches_reference_masks(method, elect, shape):
-    base, srcs = family(shape, dtype=torch.bfloat16)
-    w, dens = [0.8, 0.5, 1.1], [0.5, 0.7, 0.3]
-    # the documented counter-based masks: a hash of (seed, source, flat index) against density * 2^24
-    keep = [{j for j in range(base.numel()) if ref_dare_keep(11, i, j, d)} for i, d in enumerate(dens)]
-    scale = [[1 / d] * base.numel() for d in dens]
-    out = get_method(method)(srcs, base, generator=gen(11), weight=w, density=dens)
-    close(out, ref_gta(base, srcs, w, elect=elect, keep=keep, scale=scale), shape)
 
 
 def test_dare_masks_law_and_chunking():
@@ -273,23 +193,6 @@ def test_dare_masks_law_and_chunking():
     assert torch.equal(part, full[777_777:778_777])
     for j in (0, 1, 65_535, 262_144, 500_000, n - 1):
         assert bool(full[j]) == ref_dare_keep(9, 2, j, 0.4)
-
-
-@pytest.mark.parametrize("method,elect", [("della_linear", False), ("della", True)])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_della_matches_reference(method, elect, shape):
-    base, srcs = family(shape)
-    w, dens, eps = [0.8, 0.5, 1.1], [0.5, 0.6, 0.3], [0.1, 0.2, 0.05]
-    g = gen(5)
-    keep, scale = [], []
-    for s, d, e in zip(srcs, dens, eps):
-        probs = ref_della_probs(s.double() - base.double(), d, e)
-        m = torch.bernoulli(probs.float(), generator=g).bool()
-        keep.append(set(torch.nonzero(m.reshape(-1)).reshape(-1).tolist()))
-        scale.append([1 / p for p in flat(probs)])
-    out = get_method(method)(srcs, base, generator=gen(5), weight=w, density=dens, epsilon=eps,
-                             normalize=elect)
-    close(out, ref_gta(base, srcs, w, normalize=elect, elect=elect, keep=keep, scale=scale), shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -502,88 +405,6 @@ def test_cuda_threshold_paths_match_cpu():
         assert torch.equal(sp.top_k_mask(a.cuda(), k).cpu(), sp.top_k_mask(a, k)), k
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("case", range(6))
-def test_chunked_cpu_pipeline_matches_plain(case, use_native, monkeypatch):
-    """The chunked CPU pipeline (methods/fused.py, tensors of >= 32K entries, several chunks; its
-    merge step in the native C kernel or in torch chunk loops) equals the plain whole-tensor pipeline:
-    coarse bf16 task vectors (thresholds inside tie groups), negative and zero weights, densities 0
-    and 1, rescale, normalize."""
-    from evomerge.methods import native
-    from evomerge.methods.dare import dare_sparsifier
-    from evomerge.methods.fused import CHUNK, COUNT_CHUNK
-    from evomerge.methods.task_arithmetic import merge_task_vectors
-    from evomerge.methods.ties import magnitude_sparsifier
-
-    g = gen(case)
-    n = COUNT_CHUNK + CHUNK + 12_345  # several chunks of both passes
-    if case % 2:  # bf16-rounded: ~1000 distinct magnitudes
-        base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
-        srcs = [(base.float() + torch.randint(-4, 5, (n,), generator=g) * 0.002).to(torch.bfloat16)
-                for _ in range(3)]
-    else:  # exact grid: |delta| takes 4 values, so every threshold sits in a huge tie group
-        base = (torch.randint(-50, 51, (n,), generator=g) * 2.0 ** -8).to(torch.bfloat16)
-        srcs = [(base.float() + torch.randint(-3, 4, (n,), generator=g) * 2.0 ** -10).to(torch.bfloat16)
-                for _ in range(3)]
-    w = [[0.5, 0.3, 0.2], [0.5, -0.3, 0.2], [1.0, 0.0, 0.7], [0.4, 0.4, 0.4], [-0.2, -0.5, 0.9], [0.3, 0.6, 0.1]][case]
-    dens = [[0.3, 0.55, 0.8], [0.2, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.9, 0.1, 0.45], [1.0, 1.0, 1.0]][case]
-    if use_native and not native.available():
-        pytest.skip("no C compiler for the native kernel")
-    monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
-    runs, counts = native.jobs_run, native.counts_run
-    for normalize in (True, False):
-        for rescale in (False, True):
-            kw = dict(weight=w, density=dens, normalize=normalize, rescale=rescale, **{"lambda": 0.8})
-            got = get_method("ties")(srcs, base, **kw)
-            want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
-                                      sparsify=magnitude_sparsifier(dens, rescale=rescale, rescale_l1=False))
-            assert torch.equal(got, want), ("ties", case, normalize, rescale, (got - want).abs().max())
-            # rounded to the output dtype chunk by chunk: the float32 result rounded once
-            for dt in (torch.bfloat16, torch.float16):
-                assert torch.equal(get_method("ties")(srcs, base, out_dtype=dt, **kw), want.to(dt))
-            got = get_method("dare_ties")(srcs, base, generator=gen(7), **kw)
-            want = merge_task_vectors(srcs, base, w, lam=0.8, normalize=normalize, elect=True,
-                                      sparsify=dare_sparsifier(dens, gen(7), rescale=rescale, rescale_l1=False))
-            assert torch.equal(got, want), ("dare_ties", case, normalize, rescale, (got - want).abs().max())
-    # case 3 drops every TIES source (density 0): no native job; DARE still has live sources
-    assert (native.jobs_run > runs) == use_native
-    assert (native.counts_run > counts) == (use_native and case not in (3, 5))  # 3, 5: nothing to trim
-
-
-@pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, "mixed"])
-def test_chunked_linear_matches_plain(monkeypatch, dtype, use_native):
-    """Linear on CPU tensors of >= 32K entries runs in the native C kernel or chunk by chunk in
-    torch: bit for bit the whole-tensor loop (signed zeros included), and the weighted mean within
-    float32 rounding of a float64 reference."""
-    import evomerge.methods.linear as lin
-    from evomerge.methods import native
-
-    if use_native and not native.available():
-        pytest.skip("no C compiler for the native kernel")
-    monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
-    g = gen(3)
-    dts = [torch.bfloat16, torch.float32, torch.float16] if dtype == "mixed" else [dtype] * 3
-    xs = [torch.randn(2, lin.CHUNK + 777, generator=g).to(dt) for dt in dts]  # 3 chunks
-    for x in xs:  # signed zeros where every source is zero: -0 * w and -0 + -0 keep the sign
-        x[0, :64] = -0.0
-        x[1, :64] = 0.0
-    xs[0][0, 64:96] = -0.0
-    runs = native.jobs_run
-    for w, normalize in (([0.3, 0.0, 0.9], True), ([1.0, -0.7, 0.25], False), ([-2.0, 1.5, 1.0], False)):
-        got = get_method("linear")(xs, None, weight=w, normalize=normalize)
-        ref = sum(wi * x.double() for wi, x in zip(w, xs)) / (sum(w) if normalize else 1)
-        assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
-        for dt in (torch.bfloat16, torch.float16):
-            assert torch.equal(get_method("linear")(xs, None, weight=w, normalize=normalize, out_dtype=dt),
-                               got.to(dt))
-        with monkeypatch.context() as m:
-            m.setattr(lin, "fusable", lambda *a: False)
-            plain = get_method("linear")(xs, None, weight=w, normalize=normalize)
-        assert torch.equal(got, plain) and torch.equal(got.view(torch.int32), plain.view(torch.int32)), w
-    assert (native.jobs_run > runs) == use_native
-
-
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                     (torch.float16, torch.bfloat16)])
 def test_native_counting_pass_counts_exactly(dtypes):
@@ -610,20 +431,24 @@ def test_native_counting_pass_counts_exactly(dtypes):
 
 @pytest.mark.parametrize("use_native", [True, False])
 def test_counting_pass_reports_a_nan_task_vector(use_native, monkeypatch):
-    """Both counting passes (native, torch) see a nan in a task vector and hand the tensor to the
-    plain pipeline (torch's sign() maps nan to 0, so the torch loop checks a sum taken before it)."""
+    """Both counting passes (native, torch) see a nan in a task vector: no cut, so the tensor goes to
+    the reference pipeline (torch's sign() maps nan to 0, so the torch loop checks a sum taken before it)."""
     from evomerge.methods import native
-    from evomerge.methods.fused import COUNT_CHUNK, _trim_plans
+    from evomerge.methods.backends import merge
+    from evomerge.methods.plan import COUNT_CHUNK, find_top_cut
 
     if use_native and not native.available():
         pytest.skip("no C compiler for the native kernel")
     monkeypatch.setenv("EVOMERGE_NATIVE", "1" if use_native else "0")
     n = COUNT_CHUNK + 1000
     base = torch.randn(n, generator=gen(2)).to(torch.bfloat16)
-    x = (base.float() + 0.01).to(torch.bfloat16)
-    assert _trim_plans([x], base, [n // 2]) is not None
+    x = (base.float() + 0.01 * torch.randn(n, generator=gen(3))).to(torch.bfloat16)
+    cut = find_top_cut(x, base, n // 2)
+    a = (x.float() - base.float()).abs()
+    assert int(((a > cut.thr) | ((a == cut.thr) & (torch.arange(n) <= cut.last))).sum()) == n // 2
     x[n - 3] = float("nan")
-    assert _trim_plans([x], base, [n // 2]) is None
+    assert find_top_cut(x, base, n // 2) is None
+    assert merge("ties", [x, base], base, density=0.5).backend == "reference"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -579,7 +579,7 @@ def test_search_space_params_and_optional_base(tmp_path):
     ps = parse_space(space("nearswap", n=1, t={"low": 0.0, "high": 0.05})).ps
     t = next(d for d in ps.dims() if d.name == "t")
     assert (t.low, t.high) == (0.0, 0.05)
-    with pytest.raises(ConfigError, match="takes 1..1 sources, got 2"):
+    with pytest.raises(ConfigError, match=r"takes exactly 1 source model\(s\) \(the base not counted\), got 2"):
         parse_space(space("nearswap"))  # two sources for a one-source method
     ps = parse_space(space("ramplus_tl")).ps
     assert {d.name for d in ps.dims()} == {"r", "alpha"}

@@ -21,7 +21,7 @@ from evomerge.search import resume_search, start_search
 from evomerge.search.cli import search_command
 from evomerge.evaluate.evaluators import WeightDistanceEvaluator
 from evomerge.search.study import read_meta
-from evomerge.workers.base import Job
+from evomerge.workers.base import CandidateJob
 from conftest import local_ray
 from test_search_support import family, ps_space, target_model, write_space
 
@@ -173,12 +173,12 @@ def test_a_worker_killed_mid_candidate_is_restarted_and_the_candidate_retried(tm
     killer = threading.Thread(target=_kill_when_busy, args=(ex, done, killed))
     killer.start()
     recipe = parse_recipe(yaml.safe_load(trials(tmp_path / "ray")[0].user_attrs["recipe"]))
-    fut = ex.submit(Job("k", recipe))
+    fut = ex.submit(CandidateJob("k", recipe))
     r = fut.result(timeout=120)
     done.set()
     killer.join()
     assert not r.ok and "died" in r.error and killed
-    after = ex.map([Job(i, recipe) for i in range(2)])  # the study would go on
+    after = ex.map([CandidateJob(i, recipe) for i in range(2)])  # the study would go on
     assert all(x.ok for x in after), [x.error for x in after]
     ex.wait_ready()
     assert {w["pid"] for w in ex.workers()}.isdisjoint(killed)  # restarted: a new process

@@ -105,7 +105,7 @@ class Driver:
             except psutil.Error:
                 continue
             first = argv[0] if argv else ""
-            if {"worker": first.startswith("ray::_Worker"),
+            if {"worker": first.startswith("ray::RayWorker"),
                 "dashboard-agent": first.startswith("ray::DashboardAgent")
                 or (len(argv) > 1 and argv[1].endswith("dashboard/agent.py")),
                 "raylet": first.endswith("raylet/raylet"),
@@ -351,18 +351,18 @@ def _busy_pid(ex, timeout: float = 120.0) -> int:
 
 def test_workers_that_cannot_start_interrupt_the_run_instead_of_hanging(cluster, world):
     from evomerge.errors import RunInterrupted
-    from evomerge.workers.base import Job
+    from evomerge.workers.base import CandidateJob
     from evomerge.workers.ray_executor import RayExecutor
 
     ex = RayExecutor(evaluator_factory=_cannot_start, workers=2, cpus_per_worker=0.5)
     try:
-        fut = ex.submit(Job("k", _recipe(world[0])))
+        fut = ex.submit(CandidateJob("k", _recipe(world[0])))
         with pytest.raises(RunInterrupted) as err:
             fut.result(timeout=120)
         assert "failed to start" in str(err.value) and "cannot be built here" in str(err.value)
         assert "evomerge resume" in str(err.value)
         with pytest.raises(RunInterrupted):
-            ex.submit(Job("k2", _recipe(world[0])))
+            ex.submit(CandidateJob("k2", _recipe(world[0])))
     finally:
         ex.shutdown()
 
@@ -429,7 +429,7 @@ def test_a_frozen_worker_is_restarted_and_its_candidate_retried(cluster, world):
     ``ping_timeout``, Ray restarts it, and the candidate it held is scored by the new process."""
     import functools
 
-    from evomerge.workers.base import Job
+    from evomerge.workers.base import CandidateJob
     from evomerge.workers.ray_executor import RayExecutor
 
     fam, target = world
@@ -438,7 +438,7 @@ def test_a_frozen_worker_is_restarted_and_its_candidate_retried(cluster, world):
     frozen = None
     try:
         ex.wait_ready()
-        fut = ex.submit(Job("k", _recipe(fam)))
+        fut = ex.submit(CandidateJob("k", _recipe(fam)))
         frozen = _busy_pid(ex)
         os.kill(frozen, signal.SIGSTOP)
         res = fut.result(timeout=120)
@@ -477,7 +477,7 @@ def test_a_lost_node_s_job_is_retried_on_a_live_worker_and_losing_every_node_int
     import functools
 
     from evomerge.errors import RunInterrupted
-    from evomerge.workers.base import Job
+    from evomerge.workers.base import CandidateJob
     from evomerge.workers.ray_executor import RayExecutor
 
     c, (n1, n2) = nodes
@@ -487,7 +487,7 @@ def test_a_lost_node_s_job_is_retried_on_a_live_worker_and_losing_every_node_int
     try:
         ex.wait_ready()
         assert len({w["node"] for w in ex.workers()}) == 2
-        futs = [ex.submit(Job(i, _recipe(fam))) for i in range(4)]
+        futs = [ex.submit(CandidateJob(i, _recipe(fam))) for i in range(4)]
         pid = _busy_pid(ex)
         lost = next(n for n in (n1, n2) if n.node_id == next(w["node"] for w in ex.workers() if w["pid"] == pid))
         c.remove_node(lost, allow_graceful=False)
@@ -499,7 +499,7 @@ def test_a_lost_node_s_job_is_retried_on_a_live_worker_and_losing_every_node_int
         deadline = time.monotonic() + EXIT_WITHIN
         with pytest.raises(RunInterrupted) as err:
             while time.monotonic() < deadline:
-                ex.submit(Job("late", _recipe(fam))).result(timeout=EXIT_WITHIN)
+                ex.submit(CandidateJob("late", _recipe(fam))).result(timeout=EXIT_WITHIN)
                 time.sleep(0.2)
         assert "no Ray worker is left" in str(err.value) and "evomerge resume" in str(err.value)
     finally:

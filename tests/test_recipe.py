@@ -4,9 +4,10 @@ import pytest
 import yaml
 
 from evomerge.errors import ConfigError
+from evomerge.loader import load_recipe
 from evomerge.mergekit_compat import from_mergekit, to_mergekit
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, ParamRule, StackRecipe, dump_recipe, layer_t,
-                             load_recipe, model_refs, parse_recipe, recipe_hash, recipe_to_dict, resolve_param,
+                             model_refs, parse_recipe, recipe_hash, recipe_to_dict, resolve_param,
                              stack_to_dataflow)
 
 
@@ -132,9 +133,9 @@ def test_mergekit_import_via_load_recipe_and_errors(tmp_path):
     assert r.sources[0].layers == (0, 4)
     with pytest.raises(ConfigError) as info:
         from_mergekit({"merge_method": "frankenblend", "models": [{"model": "a"}], "tokenizer_source": "union",
-                       "frobnicate": 1})
+                       "tokenizer": {"source": "base"}, "frobnicate": 1})
     msg = str(info.value)
-    assert "frankenblend" in msg and "union" in msg and "frobnicate" in msg
+    assert "frankenblend" in msg and "both `tokenizer_source` and `tokenizer`" in msg and "frobnicate" in msg
 
 
 def test_mergekit_passthrough_and_dataflow_roundtrip():
@@ -228,3 +229,88 @@ def test_mergekit_export_pins_the_head_of_gradient_params(tiny_fam):
     back = from_mergekit(yaml.safe_load(yaml.safe_dump(mk)))
     assert back.head_t == 0.0
     assert _plan_params(back) == _plan_params(recipe)
+
+
+def test_tokenizer_section_roundtrip_and_refs(tmp_path):
+    """A bare model reference keeps its form (recipe hashes of earlier studies are unchanged); the
+    mapping form round-trips through YAML; the source model is one of the recipe's models."""
+    r = parse_recipe(ties(tokenizer="t"))
+    assert r.tokenizer == "t" and recipe_to_dict(r)["tokenizer"] == "t" and model_refs(r)[-1] == "t"
+    block = {"source": "union", "tokens": {"<a>": {"source": "x", "force": True}, "<b>": {"source": {"kind": "zero"}},
+                                           "<c>": {"source": {"kind": "model_token", "model": "y", "token_id": 3}}},
+             "pad_to_multiple_of": 8, "chat_template": "llama3"}
+    r = parse_recipe(ties(tokenizer=block))
+    assert recipe_to_dict(r)["tokenizer"] == block and load_recipe(dump_recipe(r, tmp_path / "r.yaml")) == r
+    assert model_refs(r) == ["b", "x", "y"]  # union names no model of its own
+    assert model_refs(parse_recipe(ties(tokenizer={"source": "z"}))) == ["b", "x", "y", "z"]
+
+
+@pytest.mark.parametrize("block, where, match", [
+    ({"tokens": {"<a>": {}}}, "tokenizer", "need a tokenizer `source`"),
+    ({"source": "base", "tokens": {"<a>": {"force": True}}}, "tokenizer.tokens.<a>", "needs a `source`"),
+    ({"source": "base", "tokens": {"<a>": {"source": {"kind": "model_token", "model": "x"}}}},
+     "tokenizer.tokens.<a>.source", "exactly one of `token`"),
+    ({"source": "base", "tokens": {"<a>": {"source": {"kind": "rows"}}}}, "tokenizer.tokens.<a>.source",
+     "expected a model reference"),
+    ({"source": "base", "tokens": {"<a>": {"source": "elsewhere"}}}, "tokenizer.tokens['<a>'].source",
+     "not one of the models"),
+    ({"source": "base", "pad_to_multiple_of": 0}, "tokenizer.pad_to_multiple_of", "greater than or equal to 1"),
+    ({"chat_template": "chatnl"}, "tokenizer.chat_template", "neither a known name"),
+    ({"chat_template": "{% for m in messages %}"}, "tokenizer.chat_template", "not valid Jinja"),
+    ({"source": "base", "colour": 1}, "tokenizer.colour", "unknown key"),
+])
+def test_tokenizer_section_errors(block, where, match):
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(ties(tokenizer=block), source="r.yaml")
+    assert [p.where for p in info.value.problems] == [f"r.yaml: {where}"]
+    assert match in str(info.value)
+
+
+def test_parse_recipe_refuses_mergekit_configs_and_the_loader_reads_them():
+    from evomerge.loader import parse_config
+
+    mk = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
+    with pytest.raises(ConfigError, match="this is a mergekit config"):
+        parse_recipe(mk)
+    assert parse_config(mk) == from_mergekit(mk)
+
+
+def test_no_import_cycle_between_recipe_and_mergekit_compat():
+    """recipe.py reads only the evomerge format: it imports neither mergekit_compat nor the loader."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).resolve().parents[1].joinpath("evomerge", "recipe.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {"evomerge.mergekit_compat", "evomerge.loader"} & names
+
+
+def test_mergekit_multi_files_are_named(tmp_path):
+    f = tmp_path / "multi.yaml"
+    f.write_text("name: first\nmerge_method: linear\nmodels: [{model: a}, {model: b}]\n---\n"
+                 "merge_method: slerp\nbase_model: first\nmodels: [{model: first}, {model: c}]\n"
+                 "parameters: {t: 0.5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(f)
+    msg = str(info.value)
+    assert "mergekit-multi file: 2 merges" in msg and "(first, document 2)" in msg and "one file per document" in msg
+
+
+def test_mergekit_slice_keys_and_lora_refs():
+    from evomerge.mergekit_compat import MergekitIgnoredWarning
+
+    sl = {"sources": [{"model": "s", "layer_range": [0, 4]}, {"model": "x", "layer_range": [0, 4]}],
+          "base_model": "s"}
+    r = from_mergekit({"merge_method": "task_arithmetic", "base_model": "ignored", "slices": [sl]})
+    assert r.base == "s" and r.base_layers == (0, 4) and [s.model for s in r.sources] == ["x"]
+    with pytest.warns(MergekitIgnoredWarning, match=r"slices\[0\].residual_weight"):
+        from_mergekit({"merge_method": "task_arithmetic", "base_model": "s", "slices": [sl | {"residual_weight": 0.5}]})
+    with pytest.raises(ConfigError) as info:
+        from_mergekit({"merge_method": "linear", "models": [{"model": "a+lora/adapter"}, {"model": "b"}],
+                       "slices_extra": 1}, source="mk.yaml")
+    assert "mk.yaml: models[0].model" in [p.where for p in info.value.problems]
+    assert "LoRA adapter" in str(info.value)
+    with pytest.raises(ConfigError, match=r"slices\[0\]: unknown key\(s\) \['colour'\]"):
+        from_mergekit({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}],
+                                                                  "colour": 1}]})

@@ -17,7 +17,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError, StudyError
-from evomerge.recipe import load_recipe
+from evomerge.loader import load_recipe
 from evomerge.search import export_recipe, resume_search, start_search, status
 from evomerge.evaluate.evaluators import WeightDistanceEvaluator
 from evomerge.search.study import read_meta
@@ -319,3 +319,37 @@ def test_optuna_sampler_resume_retries_a_trial_left_running(tmp_path, world):
     retried = [t for t in trials[left.number + 1:] if t.params == left.params]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+
+
+def test_study_records_go_through_public_api_and_older_studies_are_read(tmp_path):
+    """Study-level records are study user attributes; a study an older evomerge wrote (records as
+    system attributes) is read as before by reports and moved over when a run opens it."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.search.study import (TrialRecords, create_or_load, get_attr, heldout_records, load_study,
+                                       open_storage, set_attr)
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    old = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    sid = storage.get_study_id_from_name("old")
+    storage.set_study_system_attr(sid, "evomerge:heldout:3", {"scores": {"combined": 0.5}})
+    storage.set_study_system_attr(sid, "evomerge:rungs", [1.0])
+    assert heldout_records(old) == {}  # a plain study sees only user attributes
+    read = load_study(storage, "old")
+    assert heldout_records(read) == {3: {"scores": {"combined": 0.5}}}
+    assert read.user_attrs == {}  # reading writes nothing
+    study = create_or_load(storage, "old", ["maximize"])
+    assert study.user_attrs["evomerge:heldout:3"] == {"scores": {"combined": 0.5}} and get_attr(study, "rungs") == [1.0]
+    set_attr(study, "rungs", [0.5, 1.0])
+    assert get_attr(load_study(storage, "old"), "rungs") == [0.5, 1.0]  # the newer value wins
+
+    records = TrialRecords(study, storage)
+    number = records.new_trial(params={"x": 0.25}, distributions={"x": FloatDistribution(0, 1)},
+                               user_attrs={"kind": "search"})
+    records.set_user_attrs(number, {"worker": "w"})
+    trial = study.get_trials()[number]
+    assert trial.state == TrialState.RUNNING and trial.params == {"x": 0.25}
+    assert trial.user_attrs == {"kind": "search", "worker": "w"}
+    assert [t.number for t in records.recover_interrupted()] == [number]
+    trial = study.get_trials()[number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"] is True

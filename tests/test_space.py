@@ -238,3 +238,55 @@ def test_shipped_space_is_valid(path, fam):
         assert dims
         sp.decode(sp.default_params())
         sp.decode(D.decode(dims, [0.7] * len(dims)))
+
+
+# ------------------------------------------------------------------------- strict file, with lines
+
+
+def test_problems_name_file_line_and_key_in_file_order(fam, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"""name: s
+kind: ps
+ps:
+  base: {fam['base']}
+  sources: [{fam['expert1']}, {fam['expert2']}]
+  method: ties
+  granularity: 3
+  params:
+    weight: {{low: 0.9, high: 0.1}}
+    flavour: 1
+objectives:
+  - metric: combined
+    direction: upward
+optimizer: {{name: pycma, popsize: 1}}
+evaluation: {{kind: weights, target: {fam['base']}}}
+budget: {{timeout: soon}}
+colour: red
+""")
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    wheres = [p.where for p in err.value.problems]
+    want = [f"{path}:7: ps.granularity", f"{path}:9: ps.params.weight", f"{path}:10: ps.params.flavour",
+            f"{path}:13: objectives[0].direction", f"{path}:14: optimizer.popsize", f"{path}:16: budget.timeout",
+            f"{path}:17: colour"]
+    assert wheres == want
+    text = str(err.value)
+    assert "granularity 3 does not divide the layer count 4 (fix: use one of [1, 2, 4])" in text
+    assert "expected maximize or minimize, got 'upward'" in text
+    assert "cannot read the duration 'soon'" in text and "unknown key 'colour' (fix: allowed keys here:" in text
+
+
+def test_values_are_not_coerced_and_aliases_are_named_once(fam):
+    msgs = problems(ps(fam, seed="3", baselines="yes", multi_fidelity={"enabled": 1}))
+    assert "space.yaml: seed: expected a whole number, got '3'" in msgs
+    assert "space.yaml: baselines: expected true or false, got 'yes'" in msgs
+    assert "space.yaml: multi_fidelity.enabled: expected true, false or auto, got 1" in msgs
+    assert any("unknown dtype 'f8' (fix: use float32, bfloat16 or float16)" in m for m in problems(ps(fam, dtype="f8")))
+    space = parse_space(ps(fam, dtype="bf16"))
+    assert space.ps.dtype == "bfloat16" and space.ps.decode(space.ps.default_params()).dtype == "bfloat16"
+
+
+def test_a_source_count_the_method_does_not_take_is_named_with_what_it_takes(fam):
+    msgs = problems(ps(fam, ps={"method": "slerp"}))
+    assert ("space.yaml: ps.sources: method 'slerp' takes exactly 1 source model(s) (the base not counted), got 2 "
+            "(fix: list the number of sources the method takes)") in msgs

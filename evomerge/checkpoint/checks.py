@@ -252,12 +252,15 @@ def _problem_text(head: str, problems: list[str], fix: str, limit: int = 12) -> 
     return f"{head} ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in shown) + f"\n  (fix: {fix})"
 
 
-def check_compatible(ckpts: Mapping[str, Checkpoint]) -> None:
+def check_compatible(ckpts: Mapping[str, Checkpoint], *, vocab_names: Iterable[str] = ()) -> None:
     """Raise :class:`IncompatibleModelsError` unless all models share architecture, tensors and shapes.
 
     Compares every model with the first: model_type, architectures, vocab size, tensor names (a
-    tied ``lm_head.weight`` counts as present) and shapes. Dtypes may differ.
+    tied ``lm_head.weight`` counts as present) and shapes. Dtypes may differ. ``vocab_names``:
+    tensors indexed by token along dim 0 that are realigned to one vocabulary before merging; their
+    row counts (and the vocab sizes) may then differ.
     """
+    vocab_names = set(vocab_names)
     items = list(ckpts.items())
     if len(items) < 2:
         return
@@ -268,7 +271,7 @@ def check_compatible(ckpts: Mapping[str, Checkpoint]) -> None:
         if (ck.model_type, ck.architectures) != (ref.model_type, ref.architectures):
             problems.append(f"{label}: architecture {ck.model_type} {ck.architectures} differs from "
                             f"{ref_label}: {ref.model_type} {ref.architectures}")
-        if ck.vocab_size != ref.vocab_size:
+        if ck.vocab_size != ref.vocab_size and not vocab_names:
             problems.append(f"{label}: vocab_size {ck.vocab_size} differs from {ref_label}: {ref.vocab_size}")
         names = set(ck.names) | ({TIED_HEAD} if ck.has(TIED_HEAD) else set())
         mine = []
@@ -277,6 +280,8 @@ def check_compatible(ckpts: Mapping[str, Checkpoint]) -> None:
         for name in sorted(ref_names - names):
             mine.append(f"{label}: tensor {name!r} of {ref_label} is missing")
         for name in sorted(names & ref_names):
+            if name in vocab_names and ck.shape(name)[1:] == ref.shape(name)[1:]:
+                continue
             if ck.shape(name) != ref.shape(name):
                 mine.append(f"{label}: tensor {name!r} has shape {list(ck.shape(name))}, "
                             f"{ref_label} has {list(ref.shape(name))}")

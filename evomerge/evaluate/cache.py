@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.evaluate.engine import SuiteResult
+from evomerge.evaluate.results import SuiteResult
 
 
 def weights_fingerprint(model) -> str:

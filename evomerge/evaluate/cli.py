@@ -11,7 +11,7 @@ import torch
 from evomerge.checkpoint import TOKENIZER_CORE, Checkpoint, check_device, has_tokenizer
 from evomerge.errors import CheckpointError, EvalError, EvomergeError
 from evomerge.evaluate.engine import Scorer, SuiteResult
-from evomerge.evaluate.suite import load_suite
+from evomerge.suites import load_suite
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto"):
@@ -27,23 +27,23 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
     materialized that recipe in memory, so `evomerge eval` of an exported merge reproduces its score.
     """
     device = check_device(device)
-    ck = Checkpoint.open(model_dir)
+    checkpoint = Checkpoint.open(model_dir)
     try:
-        ck.verify()
+        checkpoint.verify()
     finally:
-        ck.close()
-    d = ck.path
+        checkpoint.close()
+    model_path = checkpoint.path
     name = str(model_dir)
-    if not has_tokenizer(d):
-        made_here = (d / "recipe.yaml").is_file()
+    if not has_tokenizer(model_path):
+        made_here = (model_path / "recipe.yaml").is_file()
         raise EvalError(
-            f"{name} has no tokenizer (expected {', '.join(TOKENIZER_CORE)} in {d}), so it cannot be scored"
+            f"{name} has no tokenizer (expected {', '.join(TOKENIZER_CORE)} in {model_path}), so it cannot be scored"
             + ("; it was written by `evomerge merge` from a model without one" if made_here else "")
             + " (fix: copy the tokenizer files of the model it came from into the folder"
             + (", or set the recipe's `tokenizer:` key to a model with a tokenizer and merge again)"
                if made_here else ")"))
-    tok = _load_tokenizer(d, name)
-    model = _load_weights(d, name, dtype)
+    tok = _load_tokenizer(model_path, name)
+    model = _load_weights(model_path, name, dtype)
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0] if embeddings is not None else None
     if rows is not None and len(tok) > rows:
@@ -77,29 +77,29 @@ def _short(err: BaseException, n: int = 400) -> str:
     return f"{type(err).__name__}: {text[:n]}{'...' if len(text) > n else ''}"
 
 
-def _load_tokenizer(d: Path, name: str):
+def _load_tokenizer(model_path: Path, name: str):
     from transformers import AutoTokenizer
 
     try:
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(d)
+            return AutoTokenizer.from_pretrained(model_path)
     except Exception as e:  # any failure of the tokenizer files becomes one message
-        raise EvalError(f"{name}: cannot load the tokenizer in {d} ({_short(e)}) (fix: restore the tokenizer "
+        raise EvalError(f"{name}: cannot load the tokenizer in {model_path} ({_short(e)}) (fix: restore the tokenizer "
                         f"files from the model it came from)") from e
 
 
-def _load_weights(d: Path, name: str, dtype):
+def _load_weights(model_path: Path, name: str, dtype):
     from transformers import AutoModelForCausalLM
 
     try:
         with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, use_safetensors=True,
+            model, info = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True,
                                                                output_loading_info=True)
     except MemoryError as e:
         raise EvalError(f"{name}: not enough memory to load the model (fix: free memory, or use a machine "
                         f"with more)") from e
     except Exception as e:  # transformers raises many types; each becomes one message
-        raise CheckpointError(f"{name}: transformers cannot load the model in {d} ({_short(e)}) (fix: check "
+        raise CheckpointError(f"{name}: transformers cannot load the model in {model_path} ({_short(e)}) (fix: check "
                               f"config.json against the weights, or re-export the model with save_pretrained)") from e
     problems = []
     for key, what in (("missing_keys", "missing from the files (transformers would fill it with random values)"),
@@ -111,7 +111,7 @@ def _load_weights(d: Path, name: str, dtype):
             problems.append(f"{len(names)} tensor(s) {what}: {shown}")
     problems += [f"load error: {m}" for m in (info.get("error_msgs") or [])][:3]
     if problems:
-        raise CheckpointError(f"{name}: refusing to score the model in {d}, its weights do not match its "
+        raise CheckpointError(f"{name}: refusing to score the model in {model_path}, its weights do not match its "
                               f"config.json:\n" + "\n".join(f"  - {p}" for p in problems)
                               + "\n  (fix: re-download or re-export the model; its files are damaged or "
                                 "come from another model)")

@@ -24,67 +24,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
 from evomerge.errors import EvalError
-from evomerge.evaluate.suite import SPLITS, Item, Suite, Task, normalize_answer
-
-
-@dataclass
-class TaskResult:
-    name: str
-    kind: str
-    primary: str
-    score: float  # value of the primary metric
-    stderr: float  # standard error of the primary metric
-    n: int  # items scored
-    metrics: dict[str, float] = field(default_factory=dict)
-    weight: float = 1.0
-
-
-@dataclass
-class SuiteResult:
-    suite: str
-    split: str
-    limit: int | None
-    seed: int
-    tasks: dict[str, TaskResult]
-    combined: float
-    combined_stderr: float
-    seconds: float = 0.0
-    cached: bool = False
-
-    @property
-    def n(self) -> int:
-        return sum(t.n for t in self.tasks.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tasks"] = {k: asdict(v) for k, v in self.tasks.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SuiteResult":
-        d = dict(d)
-        d["tasks"] = {k: TaskResult(**v) for k, v in d["tasks"].items()}
-        return cls(**d)
-
-
-def binomial_stderr(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
-
-
-def combine(results: dict[str, TaskResult]) -> tuple[float, float]:
-    """Weighted mean of the tasks' primary scores and its standard error."""
-    wsum = sum(r.weight for r in results.values())
-    if wsum <= 0:
-        return float("nan"), float("nan")
-    score = sum(r.weight * r.score for r in results.values()) / wsum
-    se = math.sqrt(sum((r.weight * r.stderr) ** 2 for r in results.values())) / wsum
-    return score, se
+from evomerge.evaluate.cache import weights_fingerprint
+from evomerge.evaluate.results import SuiteResult, TaskResult, binomial_stderr, combine
+from evomerge.suites import Item, Suite, Task, normalize_answer
+from evomerge.splits import split_error
 
 
 def subsample(items: tuple[Item, ...], limit: int | None, seed: int) -> list[Item]:
@@ -118,8 +65,8 @@ class Scorer:
                  backend=None):
         from evomerge.evaluate.backends import HFBackend
 
-        if split not in SPLITS:
-            raise EvalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if split_error(split):
+            raise EvalError(split_error(split))
         self.suite = suite
         self.split = split
         self.limit = limit
@@ -138,8 +85,6 @@ class Scorer:
             raise EvalError("cannot score a model without a tokenizer (the model directory has no tokenizer files)")
         key = None
         if self.cache is not None:
-            from evomerge.evaluate.cache import weights_fingerprint
-
             key = self.cache_key(model_key or weights_fingerprint(model))
             hit = self.cache.get(key)
             if hit is not None:
@@ -195,26 +140,30 @@ def task_result(task: Task, items: list[Item], outputs: list) -> TaskResult:
     (log-prob, tokens) pairs for the others, in request order)."""
     n = len(items)
     if task.kind == "generate":
-        hits = 0
+        per_item = []
         for it, out in zip(items, outputs):
             pred = normalize_answer(task.extract(out), task.extract)
-            hits += any(pred == normalize_answer(a, task.extract) for a in it.answers)
-        p = hits / n
+            per_item.append(float(any(pred == normalize_answer(a, task.extract) for a in it.answers)))
+        p = sum(per_item) / n
         return TaskResult(task.name, task.kind, "exact_match", p, binomial_stderr(p, n), n,
-                          {"exact_match": p}, task.weight)
+                          {"exact_match": p}, task.weight, per_item)
     if task.kind == "multiple_choice":
         acc = acc_norm = 0
         k = 0
+        hit = {"acc": [], "acc_norm": []}
         for it in items:
             ll = outputs[k:k + len(it.choices)]
             k += len(it.choices)
             sums = [s for s, _ in ll]
             norms = [s / max(1, len(c)) for s, c in zip(sums, it.choices)]
-            acc += int(max(range(len(sums)), key=sums.__getitem__) == it.label)
-            acc_norm += int(max(range(len(norms)), key=norms.__getitem__) == it.label)
+            hit["acc"].append(float(max(range(len(sums)), key=sums.__getitem__) == it.label))
+            hit["acc_norm"].append(float(max(range(len(norms)), key=norms.__getitem__) == it.label))
+            acc += int(hit["acc"][-1])
+            acc_norm += int(hit["acc_norm"][-1])
         m = {"acc": acc / n, "acc_norm": acc_norm / n}
         p = m[task.metric]
-        return TaskResult(task.name, task.kind, task.metric, p, binomial_stderr(p, n), n, m, task.weight)
+        return TaskResult(task.name, task.kind, task.metric, p, binomial_stderr(p, n), n, m, task.weight,
+                          hit[task.metric])
     lls = outputs
     per_item = [s / max(1, t) for s, t in lls]
     mean = sum(per_item) / n
@@ -222,4 +171,4 @@ def task_result(task: Task, items: list[Item], outputs: list) -> TaskResult:
     tot, ntok = sum(s for s, _ in lls), sum(t for _, t in lls)
     m = {"mean_logprob": mean, "perplexity": math.exp(-tot / max(1, ntok)),
          "logprob_per_item": tot / n}
-    return TaskResult(task.name, task.kind, "mean_logprob", mean, math.sqrt(var / n), n, m, task.weight)
+    return TaskResult(task.name, task.kind, "mean_logprob", mean, math.sqrt(var / n), n, m, task.weight, per_item)

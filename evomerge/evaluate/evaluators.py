@@ -29,8 +29,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import Recipe, model_refs
-
-SPLITS = ("search", "held-out")
+from evomerge.splits import HELD_OUT, SEARCH, split_error
+from evomerge.splits import SPLITS  # noqa: F401 - the evaluators' modules import it from here
 
 
 @dataclass
@@ -43,10 +43,17 @@ class EvalOutcome:
     seconds: float = 0.0
     worker: str = ""
     backend: dict[str, float] = field(default_factory=dict)  # the worker's backend counters (engine starts, reloads)
+    # per-item results where the evaluator has them: {"weights": {task: w}, "tasks": {task: {"ids", "values"}}}
+    # (see evomerge.search.selection); "stopped": the evaluation stopped early at a bound (partial scores)
+    items: dict[str, Any] = field(default_factory=dict)
+    # inference cost relative to one source ({"passes", "read", "calls", "models"}: evomerge.fusion.cost);
+    # set for fused candidates by their evaluation, for merges by the search (empty: not computed)
+    cost: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scores": dict(self.scores), "n": dict(self.n), "stderr": dict(self.stderr),
-                "seconds": self.seconds, "worker": self.worker, "backend": dict(self.backend)}
+                "seconds": self.seconds, "worker": self.worker, "backend": dict(self.backend),
+                "items": dict(self.items), "cost": dict(self.cost)}
 
 
 @runtime_checkable
@@ -173,7 +180,7 @@ class WeightDistanceEvaluator:
         self.device = device
         self._models: dict[str, Any] = {}
         names = sorted(self.target.names)
-        self.splits = {"search": names[0::2], "held-out": names[1::2]}
+        self.splits = {SEARCH: names[0::2], HELD_OUT: names[1::2]}
 
     def group_of(self, name: str) -> str:
         for g, filt in self.groups.items():
@@ -204,8 +211,8 @@ class WeightDistanceEvaluator:
         from evomerge.materialize import plan_recipe
 
         start = time.perf_counter()
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if split_error(split):
+            raise ValueError(split_error(split))
         names = subsample(self.splits[split], fidelity)
         if limit is not None:
             names = names[:limit]

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.recipe import Recipe, model_refs, recipe_hash
+from evomerge.recipe import Recipe, recipe_hash, tokenizer_model
 from evomerge.evaluate.evaluators import (
     SPLITS,
     EvalOutcome,
@@ -175,7 +175,7 @@ class LmEvalEvaluator:
         res = self.cache.get(key)
         if res is None:
             model = self.model(recipe)
-            tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
+            tok = self._tokenizer(tokenizer_model(recipe))
             res = once_more_on_engine_failure(lambda: lmeval_score(
                 model, tok, self.tasks, include_path=self.include_path, samples=samples,
                 batch_size=self.batch_size, seed=self.seed, num_fewshot=self.num_fewshot,

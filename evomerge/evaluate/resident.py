@@ -140,9 +140,10 @@ class ResidentSuiteEvaluator(SuiteEvaluator):
 
     def __init__(self, suite, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
                  dtype: str | None = None, residency: str = "device", fused: bool | None = None,
-                 cache_dir: str | None = None, backend: str = "hf", vllm: dict | None = None):
+                 cache_dir: str | None = None, backend: str = "hf", vllm: dict | None = None,
+                 validation: float | str = "auto"):
         super().__init__(suite, device=device, batch_size=batch_size, seed=seed, dtype=dtype, cache_dir=cache_dir,
-                         backend=backend, vllm=vllm)
+                         backend=backend, vllm=vllm, validation=validation)
         self.resident = ResidentModels(device, residency, fused)
 
     def model(self, recipe: Recipe):
@@ -157,17 +158,18 @@ def worker_evaluator(evaluation: dict[str, Any], *, device: str, residency: str 
     evaluators with resident sources; any other kind as the registry builds it (on ``device`` when
     it takes one)."""
     from evomerge.evaluate.evaluators import evaluator_kind, make_evaluator
-    from evomerge.evaluate.suite_eval import _suite_factory
+    from evomerge.evaluate.suite_eval import suite_evaluator
 
     config = {k: v for k, v in evaluation.items() if k != "kind"}
     dev = config.get("device") or device
     if evaluator_kind(evaluation) == "suite":
         if suite is None:
-            suite = _suite_factory(config).suite  # checks the keys, reads the suite's files
+            suite = suite_evaluator(config).suite  # checks the keys, reads the suite's files
         return ResidentSuiteEvaluator(suite, device=dev, batch_size=int(config.get("batch_size", 64)),
                                       seed=int(config.get("seed", 0)), dtype=config.get("dtype"),
                                       residency=residency, fused=fused, cache_dir=config.get("cache_dir"),
-                                      backend=config.get("backend", "hf"), vllm=config.get("vllm"))
+                                      backend=config.get("backend", "hf"), vllm=config.get("vllm"),
+                                      validation=config.get("validation", "auto"))
     if evaluator_kind(evaluation) in ("weights", "lmeval") and "device" not in config:
         evaluation = {**evaluation, "device": dev}
     evaluator = make_evaluator(evaluation)

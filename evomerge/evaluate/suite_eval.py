@@ -9,8 +9,10 @@ larger fidelity sees the smaller one's items too); ``limit`` caps the items per 
 Options: ``suite`` (path, required), ``device`` (default cpu), ``batch_size`` (64), ``seed`` (0),
 ``dtype`` (materialization dtype, default the recipe's), ``cache_dir`` (a folder where scores persist
 across processes and restarts; default: in memory only), ``backend`` (``hf``, the default, or
-``vllm``: see :mod:`evomerge.evaluate.backends`) and ``vllm`` (the vLLM engine's options, a mapping:
-:mod:`evomerge.evaluate.backends.vllm`).
+``vllm``: see :mod:`evomerge.evaluate.backends`), ``vllm`` (the vLLM engine's options, a mapping:
+:mod:`evomerge.evaluate.backends.vllm`) and ``validation`` (the fraction of the search split carved
+out as the ``validation`` sample a search chooses its winner on, 0 for none; default ``auto``:
+:mod:`evomerge.evaluate.views`). Every outcome carries each item's score and id (``items``).
 
 A repeated candidate is never scored twice: results are cached under (recipe hash, dtype, backend,
 suite fingerprint, split, item cap, seed), and a hit skips materialization too. The recipe hash covers the model paths,
@@ -24,21 +26,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evomerge.dtypes import dtype_problem
 from evomerge.errors import ConfigError, Problem
+from evomerge.evaluate import views
 from evomerge.evaluate.backends.vllm import once_more_on_engine_failure
-from evomerge.recipe import Recipe, model_refs, recipe_hash
+from evomerge.recipe import Recipe, recipe_hash, tokenizer_model
 from evomerge.evaluate.evaluators import EvalOutcome, register_evaluator, worker_name
 
-_KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir", "backend", "vllm"}
+_KEYS = {"suite", "device", "batch_size", "seed", "dtype", "cache_dir", "backend", "vllm", "validation"}
 
 
 class SuiteEvaluator:
     def __init__(self, suite: str, *, device: str = "cpu", batch_size: int = 64, seed: int = 0,
                  dtype: str | None = None, cache_dir: str | None = None, backend: str = "hf",
-                 vllm: dict | None = None):
+                 vllm: dict | None = None, validation: float | str = "auto"):
         from evomerge.evaluate.backends import make_backend
         from evomerge.evaluate.cache import ScoreCache
-        from evomerge.evaluate.suite import load_suite
+        from evomerge.suites import load_suite
 
         self.suite = load_suite(suite) if isinstance(suite, (str, Path)) else suite  # a path or a loaded Suite
         self.device, self.batch_size, self.seed, self.dtype = device, batch_size, seed, dtype
@@ -47,19 +51,31 @@ class SuiteEvaluator:
         self.cache = ScoreCache(cache_dir)
         self.backend_name = backend
         self.backend = make_backend(backend, vllm, device)
+        # the validation sample carved out of the search split (evomerge.evaluate.views)
+        self.validation = views.resolve_fraction(validation, sum(len(t.splits["search"]) for t in self.suite.tasks))
+        self._views: dict[str, views.SplitView] = {}
 
     def metric_names(self) -> list[str]:
         return [t.name for t in self.suite.tasks] + ["combined"]
 
+    def view(self, split: str) -> views.SplitView:
+        """The items ``split`` scores (``search``, ``validation`` or ``held-out``) and their ids."""
+        if split not in self._views:
+            self._views[split] = views.split_view(self.suite, split, self.validation)
+        return self._views[split]
+
     def split_size(self, split: str) -> int | None:
-        return sum(len(t.splits[split]) for t in self.suite.tasks)
+        if split == views.VALIDATION and not self.validation:
+            return None
+        return sum(len(ids) for ids in self.view(split).ids.values())
 
     def _scorer(self, split: str, limit: int | None):
         from evomerge.evaluate.engine import Scorer
 
         key = (split, limit)
         if key not in self._scorers:
-            self._scorers[key] = Scorer(self.suite, split, limit=limit, seed=self.seed,
+            view = self.view(split)
+            self._scorers[key] = Scorer(view.suite, view.split, limit=limit, seed=self.seed,
                                         batch_size=self.batch_size, device=self.device, cache=self.cache,
                                         backend=self.backend)
         return self._scorers[key]
@@ -74,9 +90,16 @@ class SuiteEvaluator:
         return materialize_model(recipe, device=self.device, dtype=self.dtype)
 
     def evaluate(self, recipe: Recipe, *, split: str, fidelity: float = 1.0,
-                 limit: int | None = None) -> EvalOutcome:
+                 limit: int | None = None, bar: dict | None = None,
+                 items: dict[str, list[int]] | None = None) -> EvalOutcome:
+        """Scores of ``recipe`` on ``split`` with per-item results; with ``bar`` (a
+        :class:`~evomerge.evaluate.views.Bar` as a dict) scoring stops as soon as the bar is out of
+        reach, and the outcome's ``items["stopped"]`` holds the bounds (scores then cover the items
+        scored so far); with ``items`` (item ids per task) exactly those items are scored."""
+        if items is not None:
+            return self._chosen(recipe, split, items)
         start = time.perf_counter()
-        per_task = [len(t.splits[split]) for t in self.suite.tasks]
+        per_task = [len(ids) for ids in self.view(split).ids.values()]
         cap = None
         if fidelity < 1:
             cap = max(1, math.ceil(fidelity * max(per_task)))
@@ -87,14 +110,75 @@ class SuiteEvaluator:
         if self.backend_name != "hf":
             model_key += f"|{self.backend_name}"
         res = self.cache.get(scorer.cache_key(model_key))
+        stopped = None
         if res is None:
             model = self.model(recipe)
-            tok = self._tokenizer(recipe.tokenizer or model_refs(recipe)[0])
-            res = once_more_on_engine_failure(lambda: scorer.score(model, tok, model_key=model_key))
+            tok = self._tokenizer(tokenizer_model(recipe))
+            if bar is None:
+                res = once_more_on_engine_failure(lambda: scorer.score(model, tok, model_key=model_key))
+            else:
+                res, stopped = once_more_on_engine_failure(lambda: self._bounded(scorer, model, tok, bar, model_key))
         scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
         n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
         se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
-        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend.stats())
+        ids = views.scored_ids(self.view(split), cap, self.seed)
+        if stopped is not None:
+            ids = {name: ids[name][:r.n] for name, r in res.tasks.items()}
+        items = views.items_payload(scorer.suite, res.tasks, ids)
+        if stopped is not None:
+            items["stopped"] = stopped
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend.stats(), items)
+
+    def _chosen(self, recipe: Recipe, split: str, items: dict[str, list[int]]) -> EvalOutcome:
+        """Scores on the items ``items`` names (ids of ``split``'s view), cached under those ids."""
+        import hashlib
+
+        from evomerge.evaluate.engine import SuiteResult, combine, score_tasks
+
+        start = time.perf_counter()
+        view = self.view(split)
+        ids = {t: [int(i) for i in items[t]] for t in view.ids if items.get(t)}
+        work = []
+        for task in view.suite.tasks:
+            if task.name in ids:
+                where = {i: k for k, i in enumerate(view.ids[task.name])}
+                work.append((task, [task.splits[view.split][where[i]] for i in ids[task.name]]))
+        digest = hashlib.sha256(repr(sorted(ids.items())).encode()).hexdigest()[:16]
+        model_key = f"{recipe_hash(recipe)}|{self.dtype}|{self.backend_name}"
+        key = f"{model_key}|{view.suite.fingerprint}|{split}|items:{digest}|{self.seed}"
+        res = self.cache.get(key)
+        if res is None:
+            model = self.model(recipe)
+            tok = self._tokenizer(tokenizer_model(recipe))
+            lm = self.backend.lm(model, tok, batch_size=self.batch_size, device=self.device)
+            results = once_more_on_engine_failure(lambda: score_tasks(lm, work))
+            combined, cse = combine(results)
+            res = SuiteResult(suite=view.suite.name, split=split, limit=None, seed=self.seed, tasks=results,
+                              combined=combined, combined_stderr=cse, seconds=time.perf_counter() - start)
+            self.cache.put(key, res)
+        scores = {name: r.score for name, r in res.tasks.items()} | {"combined": res.combined}
+        n = {name: r.n for name, r in res.tasks.items()} | {"combined": res.n}
+        se = {name: r.stderr for name, r in res.tasks.items()} | {"combined": res.combined_stderr}
+        return EvalOutcome(scores, n, se, time.perf_counter() - start, worker_name(), self.backend.stats(),
+                           views.items_payload(view.suite, res.tasks, ids))
+
+    def _bounded(self, scorer, model, tok, bar: dict, model_key: str):
+        """``scorer``'s result scored slice by slice until ``bar`` is out of reach: (result, None) when
+        every item was scored (cached like any result), (partial result, the bounds: see
+        :func:`evomerge.evaluate.views.score_bounded`) when it stopped."""
+        from evomerge.evaluate.engine import SuiteResult, combine
+
+        t0 = time.perf_counter()
+        b = views.Bar.from_dict(bar)
+        lm = self.backend.lm(model, tok, batch_size=self.batch_size, device=scorer.device)
+        work = [(t, scorer.items[t.name]) for t in scorer.suite.tasks]
+        results, stopped = views.score_bounded(lm, work, b, scorer.suite, min_chunk=self.batch_size)
+        combined, cse = combine(results)
+        res = SuiteResult(suite=scorer.suite.name, split=scorer.split, limit=scorer.limit, seed=scorer.seed,
+                          tasks=results, combined=combined, combined_stderr=cse, seconds=time.perf_counter() - t0)
+        if stopped is None:
+            self.cache.put(scorer.cache_key(model_key), res)
+        return res, stopped
 
     def close(self) -> None:
         """Stop what the backend started (vLLM engines)."""
@@ -138,9 +222,6 @@ def materialize_model(recipe: Recipe, *, device: str = "cpu", dtype: str | None 
     return model.eval()
 
 
-_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-
-
 def _int(config: dict[str, Any], key: str, default: int, low: int, problems: list[Problem]) -> int:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -150,7 +231,7 @@ def _int(config: dict[str, Any], key: str, default: int, low: int, problems: lis
 
 
 @register_evaluator("suite", paths=("suite", "cache_dir"))
-def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
+def suite_evaluator(config: dict[str, Any]) -> SuiteEvaluator:
     """The suite evaluator; every problem of the mapping at once (a :class:`ConfigError`), and the
     suite file's own problems (missing, invalid, data files) as the suite loader reports them."""
     from evomerge.errors import EvalError
@@ -172,8 +253,8 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
     if "device" in config:
         problems += check_device(config["device"], "evaluation.device")
     dtype = config.get("dtype")
-    if dtype is not None and dtype not in _DTYPES:
-        problems.append(Problem("evaluation.dtype", f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16"))
+    if dtype is not None and (problem := dtype_problem(dtype, "evaluation.dtype")) is not None:
+        problems.append(problem)
     cache_dir = config.get("cache_dir")
     if cache_dir is not None:
         if not isinstance(cache_dir, str) or not cache_dir:
@@ -182,13 +263,17 @@ def _suite_factory(config: dict[str, Any]) -> SuiteEvaluator:
             problems.append(Problem("evaluation.cache_dir", f"{cache_dir} is a file, not a folder",
                                     "give a folder path (it is created when missing)"))
     problems += backend_problems(config.get("backend", "hf"), config.get("vllm"), "evaluation.backend")
+    if (why := views.fraction_problem(config.get("validation", "auto"))) is not None:
+        problems.append(Problem("evaluation.validation", why, "e.g. validation: 0.25"))
     if problems:
         raise ConfigError(problems)
     try:
         return SuiteEvaluator(config["suite"], device=config.get("device", "cpu"), batch_size=batch_size,
                               seed=seed, dtype=dtype, cache_dir=cache_dir, backend=config.get("backend", "hf"),
-                              vllm=config.get("vllm"))
+                              vllm=config.get("vllm"), validation=config.get("validation", "auto"))
     except EvalError as err:
         raise ConfigError(Problem("evaluation.suite", str(err))) from None
     except OSError as err:  # the cache folder cannot be created
         raise ConfigError(Problem("evaluation.cache_dir", f"cannot use {cache_dir}: {err.strerror or err}")) from None
+
+

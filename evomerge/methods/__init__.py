@@ -20,6 +20,10 @@ from evomerge.methods import (  # noqa: E402,F401  isort: skip
     sce,
     arcee_fusion,
     ram,
+    regmean,
+    fisher,
 )
 
-__all__ = ["MethodSpec", "ParamSpec", "get_method", "method_names", "register_method"]
+from evomerge.methods.backends import MergeResult, merge  # noqa: E402  isort: skip
+
+__all__ = ["MergeResult", "MethodSpec", "ParamSpec", "get_method", "merge", "method_names", "register_method"]

@@ -2,38 +2,7 @@
 
 from __future__ import annotations
 
-from evomerge.methods.common import (
-    LAMBDA, RESCALE_L1, density_param, normalize_param, rescale_param, resolve, weight_param,
-)
-from evomerge.methods.registry import ParamSpec, register_method
-from evomerge.methods.sparsify import apply_mask_, outlier_mask
-from evomerge.methods.task_arithmetic import merge_task_vectors
-
-GAMMA = ParamSpec(
-    "gamma", "source", 0.01, low=0.0, high=1.0, search_low=0.0, search_high=0.1,
-    doc="fraction of the largest-magnitude task-vector entries dropped as outliers (the paper's beta)",
-)
-
-_PARAMS = (
-    weight_param(),
-    density_param(),
-    GAMMA,
-    LAMBDA,
-    normalize_param(False),
-    rescale_param(False),
-    RESCALE_L1,
-)
-
-
-def breadcrumbs_sparsifier(densities, gammas, *, rescale: bool, rescale_l1: bool):
-    def run(i, delta):
-        if densities[i] >= 1.0:
-            return delta  # nothing can be dropped at density 1 (no outliers either)
-        mask = outlier_mask(delta.abs(), densities[i], gammas[i])
-        return apply_mask_(delta, mask, rescale=rescale, rescale_l1=rescale_l1, keep_prob=densities[i])
-
-    return run
-
+from evomerge.methods.task_vectors import TaskVectorMerge, register_task_vector_method
 
 _DOC_COMMON = """
 
@@ -47,33 +16,19 @@ _DOC_COMMON = """
     ``normalize`` (default false), ``rescale`` / ``rescale_l1`` (default false).
     """
 
+BREADCRUMBS = TaskVectorMerge("band", "none", normalize=False)
+BREADCRUMBS_TIES = TaskVectorMerge("band", "sum", normalize=False)
 
-def breadcrumbs(tensors, base, *, generator=None, **params):
-    p = resolve("breadcrumbs", tensors, base, generator, params)
-    sp = breadcrumbs_sparsifier(p["density"], p["gamma"], rescale=p["rescale"], rescale_l1=p["rescale_l1"])
-    return merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                              elect=False, sparsify=sp)
-
-
-def breadcrumbs_ties(tensors, base, *, generator=None, **params):
-    p = resolve("breadcrumbs_ties", tensors, base, generator, params)
-    sp = breadcrumbs_sparsifier(p["density"], p["gamma"], rescale=p["rescale"], rescale_l1=p["rescale_l1"])
-    return merge_task_vectors(tensors, base, p["weight"], lam=p["lambda"], normalize=p["normalize"],
-                              elect=True, sparsify=sp)
-
-
-breadcrumbs.__doc__ = (
+breadcrumbs = register_task_vector_method("breadcrumbs", BREADCRUMBS, (
     """Model Breadcrumbs (Davari & Belilovsky, 2023, "Model Breadcrumbs: Scaling Multi-Task Model
     Merging with Sparse Masks", arXiv:2312.06795): ``base + lambda * sum_i w_i * mask_i * tau_i``
     (divided by ``sum_i w_i`` when ``normalize``)."""
     + _DOC_COMMON
-)
-breadcrumbs_ties.__doc__ = (
+))
+
+breadcrumbs_ties = register_task_vector_method("breadcrumbs_ties", BREADCRUMBS_TIES, (
     """Model Breadcrumbs masks (Davari & Belilovsky, 2023, arXiv:2312.06795) followed by TIES sign
     election and disjoint merge (Yadav et al., 2023): ``base + lambda * disjoint_merge_i(w_i *
     mask_i * tau_i)``."""
     + _DOC_COMMON
-)
-
-register_method("breadcrumbs", params=_PARAMS, needs_base=True)(breadcrumbs)
-register_method("breadcrumbs_ties", params=_PARAMS, needs_base=True)(breadcrumbs_ties)
+))

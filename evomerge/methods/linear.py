@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from evomerge.errors import ConfigError, Problem
-from evomerge.methods import native
+from evomerge.methods import backends, native
 from evomerge.methods.common import F32, cast_out, normalize_param, resolve, weight_param
-from evomerge.methods.fused import fusable
 from evomerge.methods.registry import register_method
-
-# entries per chunk: fewer, larger ops than the TIES pipeline's (2 buffers of 2 MiB stay in L3);
-# measured 0.52 ns/entry at 2^19 vs 1.0-1.2 at 2^17 for 3 bf16 sources on 2 cores
-CHUNK = 1 << 19
 
 
 @register_method(
@@ -31,7 +28,13 @@ def linear(tensors, base=None, *, generator=None, out_dtype=None, **params):
     Parameters: ``weight`` (per source, default 1), ``normalize`` (default true; the weights must
     then not sum to 0).
     """
-    p = resolve("linear", tensors, None, generator, params)
+    return run_linear(tensors, generator=generator, out_dtype=out_dtype, **params).tensor
+
+
+def linear_weights(p: dict) -> list[tuple[int, float]]:
+    """``(source, weight)`` of the sources a linear merge adds, in order: weights divided by their sum
+    when normalizing, zero weights left out. A :class:`ConfigError` when normalizing weights that
+    sum to ~0."""
     weights = p["weight"]
     total = float(sum(weights))
     if p["normalize"] and abs(total) < 1e-8:
@@ -41,16 +44,38 @@ def linear(tensors, base=None, *, generator=None, out_dtype=None, **params):
         ))
     if p["normalize"]:
         weights = [w / total for w in weights]
-    kept = [(x, w) for x, w in zip(tensors, weights) if w != 0]
-    if kept and fusable([x for x, _ in kept], kept[0][0]):
-        out = _native(kept, out_dtype or F32)
-        return out if out is not None else _chunked(kept, out_dtype or F32)
+    return [(i, w) for i, w in enumerate(weights) if w != 0]
+
+
+def run_linear(tensors: Sequence[torch.Tensor], *, generator=None, out_dtype: torch.dtype | None = None,
+               backend: str | None = None, **params) -> backends.MergeResult:
+    """The linear merge of one tensor, rounded once to ``out_dtype`` (default float32), by the backend
+    :func:`~evomerge.methods.backends.choose_backend` picks (or ``backend``)."""
+    p = resolve("linear", tensors, None, generator, params)
+    kept = [(tensors[i], w) for i, w in linear_weights(p)]
+    out_dtype = out_dtype or F32
+    req = backends.KernelRequest("linear", tuple(x for x, _ in kept) or tuple(tensors[:1]), len(kept),
+                                 planned=bool(kept), out_dtype=out_dtype)
+    chosen = backends.choose_backend(req, backend)
+    if chosen != "reference":
+        xs = [backends.flat(x) for x, _ in kept]
+        out = torch.empty(xs[0].numel(), dtype=out_dtype, device=xs[0].device)
+        if chosen == "native":
+            job = native.linear_job(out, xs, [w for _, w in kept])
+            ok = job is not None and native.run([job])[0]
+        else:
+            ok = bool(backends.run_linear(out, xs, [w for _, w in kept], chosen))
+        if ok:  # else the loop below defines the non-finite case
+            return backends.MergeResult(out.view(tensors[0].shape), chosen)
+    return backends.MergeResult(cast_out(reference_linear(tensors[0], kept), out_dtype), "reference")
+
+
+def reference_linear(like: torch.Tensor, kept: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``sum_i w_i x_i`` over ``kept`` in float32, whole tensors (zeros like ``like`` for none)."""
     # same-dtype float32 arithmetic: on CPU a mixed bf16 -> f32 add_ is several times slower than
     # converting into a scratch buffer and adding float32 to float32
     acc = scratch = None
-    for x, w in zip(tensors, weights):
-        if w == 0:
-            continue
+    for x, w in kept:
         if acc is None:
             acc = x.to(F32, copy=True)
             if w != 1:
@@ -61,44 +86,5 @@ def linear(tensors, base=None, *, generator=None, out_dtype=None, **params):
             x = scratch.copy_(x)
         acc.add_(x, alpha=w)
     if acc is None:
-        acc = torch.zeros(tensors[0].shape, dtype=F32, device=tensors[0].device)
-    return cast_out(acc, out_dtype)
-
-
-def _native(kept: list, out_dtype: torch.dtype) -> torch.Tensor | None:
-    """The loop above in one call of the native C kernel (:mod:`evomerge.methods.native`, the same
-    float32 operations in the same order, so the same bits). ``None`` when it cannot run here or an
-    output is not finite (the torch loop then defines that case)."""
-    if not native.available():
-        return None
-    xs = [x if x.is_contiguous() else x.contiguous() for x, _ in kept]
-    out = torch.empty(xs[0].shape, dtype=out_dtype)
-    job = native.linear_job(out, xs, [w for _, w in kept])
-    if job is None or not native.run([job])[0]:
-        return None
-    return out
-
-
-def _chunked(kept: list, out_dtype: torch.dtype) -> torch.Tensor:
-    """The loop above, chunk by chunk (CPU): the float32 conversions stay in cache instead of
-    streaming whole-tensor temporaries through memory, and each chunk is rounded to ``out_dtype``
-    as it is done. The same operations per entry, so the same values."""
-    shape = kept[0][0].shape
-    xs = [(x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1), w) for x, w in kept]
-    n = xs[0][0].numel()
-    out = torch.empty(n, dtype=out_dtype)
-    scratch = torch.empty(min(n, CHUNK), dtype=F32)
-    accbuf = torch.empty(min(n, CHUNK), dtype=F32) if out_dtype != F32 else None
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        acc = out[s:e] if accbuf is None else accbuf[:e - s]
-        for j, (x, w) in enumerate(xs):
-            if j == 0:
-                acc.copy_(x[s:e])
-                if w != 1:
-                    acc.mul_(w)
-                continue
-            acc.add_(x[s:e] if x.dtype == F32 else scratch[:e - s].copy_(x[s:e]), alpha=w)
-        if accbuf is not None:
-            out[s:e].copy_(acc)
-    return out.view(shape)
+        acc = torch.zeros(like.shape, dtype=F32, device=like.device)
+    return acc

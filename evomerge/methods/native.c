@@ -9,7 +9,8 @@
  * work items of ITEM entries from a shared counter.
  *
  * Per entry j of a job with n sources x_i and base b, all arithmetic in float32, in the order of the
- * reference kernels (evomerge/resident/kernels.py task_vector_merge, evaluated eagerly):
+ * reference kernels (evomerge/methods/kernels.py task_vector_kernel, evaluated eagerly; the job is
+ * built from a TensorPlan by evomerge/methods/native.py task_vector_job):
  *
  *   d_i = x_i - b
  *   trim:  THR   keep |d_i| >= t_i(j)
@@ -30,8 +31,8 @@
  *
  * A job's `nonfinite` is set when a rounded output value is inf or nan.
  *
- * Also exported by every build: em_all_finite (one pass over an array's bits), em_count (the disk
- * TIES counting pass: per chunk, how many |x - b| are > v and == v; evomerge/methods/fused.py) and
+ * Also exported by every build: em_all_finite (one pass over an array's bits), em_count (the
+ * counting pass of top-k cuts: per chunk, how many |x - b| are > v and == v; evomerge/methods/plan.py) and
  * em_rank_order (the resident TIES statistics: a stable descending radix argsort of |x - b|;
  * evomerge/resident/stats.py). Built with -ffp-contract=off
  * (no fused multiply-add but the explicit fmaf) and -fno-strict-aliasing (bit casts through pointers).

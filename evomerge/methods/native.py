@@ -16,9 +16,8 @@ faster on CPU; and :func:`all_finite` checks an output's bits in one pass.
 
 Exactness: the C code performs the eager reference's float32 operations in the same order, with
 contraction into fused multiply-adds disabled (``-ffp-contract=off``) except the one ``fmaf`` that
-mirrors ``torch.add(alpha=)``; outputs are rounded to nearest even. tests/test_resident.py compares
-it bit for bit with the eager kernels and the reference methods (tests/test_methods.py: the disk
-pipeline).
+mirrors ``torch.add(alpha=)``; outputs are rounded to nearest even. tests/test_kernel_matrix.py
+compares it bit for bit with the reference and the torch kernels, and with a float64 oracle.
 
 The shared libraries are built into ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``)/native, keyed
 by the source, the flags, the compiler and this CPU's feature flags (``-march=native``), written
@@ -32,10 +31,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 import threading
@@ -44,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from evomerge.methods.sparsify import DARE_BITS
 
 MAX_SOURCES = 8
 TRIM = {"none": 0, "thr": 1, "band": 2, "hash": 3}
@@ -76,8 +75,6 @@ class Job(ctypes.Structure):
 
 _lock = threading.Lock()
 _state: dict = {"driver": None, "failed": None, "variants": {}}
-jobs_run = 0  # tensors computed by the native kernel in this process (tests check which path ran)
-counts_run = 0  # tensors whose TIES counting pass ran in the native kernel (methods/fused.py)
 
 
 def cache_dir() -> Path:
@@ -205,24 +202,26 @@ def dtype_code(*ts: torch.Tensor) -> int:
     return DTYPES[dt] if dt in (torch.bfloat16, torch.float32) else -1
 
 
-def _plain(*ts: torch.Tensor) -> bool:
-    """Whether native.c can read these tensors in place: contiguous CPU float32/bfloat16/float16."""
-    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in ts)
+def readable(*ts: torch.Tensor) -> bool:
+    """Whether native.c can read (and write) these tensors in place: contiguous CPU
+    float32/bfloat16/float16 of one size."""
+    return (all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in ts)
+            and len({t.numel() for t in ts}) <= 1)
 
 
 def _threads(threads: int | None) -> int:
     return int(threads or torch.get_num_threads())
 
 
-def supports(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> bool:
+def supports(out: torch.Tensor, base: torch.Tensor | None, xs: list[torch.Tensor]) -> bool:
     """Whether native.c can compute this tensor (CPU, contiguous, float32/bfloat16/float16, 1..8 sources)."""
-    return 1 <= len(xs) <= MAX_SOURCES and _plain(out, base, *xs)
+    return 1 <= len(xs) <= MAX_SOURCES and readable(out, *([base] if base is not None else []), *xs)
 
 
 def all_finite(t: torch.Tensor) -> bool | None:
     """Whether every value of ``t`` is finite (one pass over its bits), or ``None`` when the native
     library cannot check it (not a contiguous CPU float32/bfloat16/float16 tensor, or unavailable)."""
-    if not _plain(t) or not available():
+    if not readable(t) or not available():
         return None
     return bool(_state["driver"].em_all_finite(t.data_ptr(), DTYPES[t.dtype], t.numel()))
 
@@ -232,7 +231,7 @@ def count(x: torch.Tensor, base: torch.Tensor, v: float, chunk: int, threads: in
     ``(gt, eq)`` int64 numpy arrays, or ``"nan"`` when some ``|x - base|`` is nan, or ``None`` when
     native.c cannot compute it here (see :func:`rank_order`). The TIES counting pass."""
     n = x.numel()
-    if base.numel() != n or not _plain(x, base) or not available():
+    if not readable(x, base) or not available():
         return None
     m = (n + chunk - 1) // chunk
     gt, eq = np.empty(m, np.int64), np.empty(m, np.int64)
@@ -251,7 +250,7 @@ def rank_order(x: torch.Tensor, base: torch.Tensor, threads: int | None = None):
     float32/bfloat16/float16 tensors of one size below 2^31, or unavailable). Scratch: 12 bytes per
     entry besides the 4-byte result."""
     n = x.numel()
-    if base.numel() != n or n >= 2**31 or not _plain(x, base) or not available():
+    if n >= 2**31 or not readable(x, base) or not available():
         return None
     order, idx1 = np.empty(n, np.int32), np.empty(n, np.int32)
     key0, key1 = np.empty(n, np.uint32), np.empty(n, np.uint32)
@@ -263,46 +262,29 @@ def rank_order(x: torch.Tensor, base: torch.Tensor, threads: int | None = None):
     return order
 
 
-def next_up(v: float) -> float:
-    """The smallest float32 above ``v`` (``|d| >= next_up(v)`` is ``|d| > v`` for float32 ``d``);
-    ``inf`` and negative values unchanged."""
-    if v == math.inf or v < 0:
-        return v
-    (bits,) = struct.unpack("<I", struct.pack("<f", v))
-    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
+def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], plan) -> Job | None:
+    """The job computing ``plan`` (a :class:`~evomerge.methods.plan.TensorPlan`) into the flat ``out``
+    from flat ``base`` and the live sources ``xs`` (plan order), or ``None`` when native.c cannot
+    compute it here. The one converter between plans and native.c: a source's top-k cut ``(thr,
+    last)`` becomes the thresholds ``thr`` (entries ``<= last``) and ``next_up(thr)`` (after it)."""
+    from evomerge.methods.plan import DROP_NONE, KEEP_ALL, next_up
 
-
-KEEP_ALL = ((-1.0, -1), (math.inf, -1))  # a source's (hi, lo) cuts when it is not trimmed
-
-
-def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], *, mode: str, elect: bool,
-                    normalize: bool, weights, divs, lam: float, norm_div: float = 1.0, cuts=None,
-                    hash_=None) -> Job | None:
-    """One tensor's job (see native.c), or ``None`` when native.c cannot compute it here.
-
-    ``cuts`` (modes ``thr``/``band``): per source ``((hi, hi_cut), (lo, lo_cut))``: entries with flat
-    index ``<= cut`` keep ties at the threshold (``|d| >= t``), later ones do not (``|d| > t``).
-    ``hash_`` (mode ``hash``): ``[start, key_0, cutoff_0, key_1, cutoff_1, ...]``. ``divs``: per
-    source rescale divisor (1.0: none)."""
-    if not supports(out, base, xs):
+    if not supports(out, base, xs) or len(xs) != len(plan.sources):
         return None
-    rescale = any(dv != 1.0 for dv in divs)
-    fn = block_fn(n=len(xs), mode=mode, elect=elect, rescale=rescale, normalize=normalize,
+    fn = block_fn(n=len(xs), mode=plan.mode, elect=plan.elect, rescale=plan.rescale, normalize=plan.normalize,
                   xdt=dtype_code(base, *xs), odt=DTYPES[out.dtype])
     if fn is None:
         return None
     numel = out.numel()
     job = Job(fn=fn, out=out.data_ptr(), base=base.data_ptr(), numel=numel, n=len(xs),
-              base_dtype=DTYPES[base.dtype], lam=lam, norm_div=norm_div)
-    for i, (x, w, dv) in enumerate(zip(xs, weights, divs)):
-        job.xs[i], job.x_dtype[i], job.w[i], job.div[i] = x.data_ptr(), DTYPES[x.dtype], w, dv
-        (hi, hc), (lo, lc) = cuts[i] if cuts else KEEP_ALL
+              base_dtype=DTYPES[base.dtype], lam=plan.lam, norm_div=plan.norm_div, hash_start=0)
+    for i, (x, src) in enumerate(zip(xs, plan.sources)):
+        job.xs[i], job.x_dtype[i], job.w[i], job.div[i] = x.data_ptr(), DTYPES[x.dtype], src.weight, src.divisor
+        hi, hc = (src.keep.thr, src.keep.last) if src.keep else (KEEP_ALL, -1)
+        lo, lc = (src.drop.thr, src.drop.last) if src.drop else (DROP_NONE, -1)
         job.hi[i], job.hi_up[i], job.hi_cut[i] = hi, next_up(hi), min(hc, numel)
         job.lo[i], job.lo_up[i], job.lo_cut[i] = lo, next_up(lo), min(lc, numel)
-        if hash_:
-            job.key[i], job.cutoff[i] = hash_[1 + 2 * i], hash_[2 + 2 * i]
-    if hash_:
-        job.hash_start = hash_[0]
+        job.key[i], job.cutoff[i] = (src.dare.key, src.dare.cutoff) if src.dare else (0, 1 << DARE_BITS)
     return job
 
 
@@ -329,10 +311,8 @@ def run(jobs: list[Job], threads: int | None = None) -> list[bool]:
         return []
     if not available():
         raise RuntimeError("the native kernel is not available")
-    global jobs_run
     arr = (Job * len(jobs))(*jobs)
     if _state["driver"].em_run(arr, len(jobs), _threads(threads)) != 0:
         raise RuntimeError("native merge kernel rejected a job (no kernel, sources outside 1..8 or "
                            "negative size)")
-    jobs_run += len(jobs)
     return [not j.nonfinite for j in arr]

@@ -87,6 +87,9 @@ class MethodSpec:
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
     optional_base: bool = False  # merges with or without a base (e.g. task vectors when given)
+    # the task-vector methods' shared structure (evomerge.methods.task_vectors.TaskVectorMerge): trim,
+    # sign election, rescale, normalize; the planned backends run it (None: other methods)
+    task_vector: Any = None
 
     @property
     def takes_base(self) -> bool:
@@ -133,9 +136,11 @@ def register_method(
     min_sources: int = 1,
     max_sources: int | None = None,
     aliases: tuple[str, ...] = (),
+    task_vector: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a kernel under ``name`` (and ``aliases``) with its parameter declarations.
-    ``optional_base`` (with ``needs_base=False``): the method takes a base when the recipe has one."""
+    ``optional_base`` (with ``needs_base=False``): the method takes a base when the recipe has one.
+    ``task_vector``: the structure of a task-vector method (see :attr:`MethodSpec.task_vector`)."""
     if needs_base and optional_base:
         raise RuntimeError(f"merge method '{name}': needs_base and optional_base exclude each other")
 
@@ -151,6 +156,7 @@ def register_method(
             doc=(fn.__doc__ or "").strip(),
             aliases=tuple(aliases),
             optional_base=optional_base,
+            task_vector=task_vector,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

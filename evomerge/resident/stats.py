@@ -9,7 +9,7 @@ scanning again::
 
     q = order[k - 1]                 # flat index of the k-th kept entry
     thr = |x[q] - base[q]|           # the k-th largest magnitude (recomputed from two elements)
-    keep = (|d| > thr) | (|d| == thr & flat_index <= q)
+    keep = (|d| > thr) | (|d| == thr & flat_index <= q)      # TopCut(thr, last=q)
 
 Entries equal to ``thr`` appear in ``order`` in ascending index order, so exactly those with index
 ``<= q`` are among the first ``k``: the kept count is exactly ``k`` (no approximation).
@@ -17,12 +17,10 @@ Entries equal to ``thr`` appear in ``order`` in ascending index order, so exactl
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-INF = math.inf
+from evomerge.methods.plan import TopCut
 
 
 def rank_order(x: torch.Tensor, base: torch.Tensor) -> np.ndarray:
@@ -57,20 +55,17 @@ class HostValues:
         return np.float32(v)
 
 
-def top_cut(order: torch.Tensor | np.ndarray, x_host: torch.Tensor | HostValues,
-            base_host: torch.Tensor | HostValues, k: int) -> tuple[float, int]:
-    """``(thr, cut)`` describing the top-``k`` set (see module doc); ``k = 0`` keeps nothing,
-    ``k >= numel`` everything. ``cut = numel`` when no entry beyond the ``k``-th ties with it (then
-    the set is simply ``|d| >= thr``)."""
+def top_cut(order: np.ndarray, x_host: torch.Tensor | HostValues, base_host: torch.Tensor | HostValues,
+            k: int) -> TopCut:
+    """The top-``k`` set (``0 < k < numel``) as a :class:`~evomerge.methods.plan.TopCut` ``(thr, last)``
+    (see module doc); ``last = numel - 1`` when no entry beyond the ``k``-th ties with it."""
     n = len(order)
-    if k <= 0:
-        return INF, -1
-    if k >= n:
-        return -1.0, n
+    if not 0 < k < n:
+        raise ValueError(f"top_cut needs 0 < k < {n}, got {k}")
     xv = x_host if isinstance(x_host, HostValues) else HostValues(x_host)
     bv = base_host if isinstance(base_host, HostValues) else HostValues(base_host)
     q, nxt = int(order[k - 1]), int(order[k])  # the k-th entry and the one after it
     thr = abs(xv.f32(q) - bv.f32(q))  # float32 arithmetic, as the kernels compute |x - base|
     if abs(xv.f32(nxt) - bv.f32(nxt)) != thr:
-        return float(thr), n  # no tie beyond the k-th: every entry >= thr is kept
-    return float(thr), q
+        return TopCut(float(thr), n - 1)  # no tie beyond the k-th: every entry >= thr is kept
+    return TopCut(float(thr), q)

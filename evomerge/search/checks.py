@@ -90,8 +90,8 @@ def _optimizer_problems(parts: SpaceParts) -> list[Problem]:
     bad = pycma_option_problem(cfg, f"{src}: optimizer.options")
     if bad is not None:
         return [bad]
-    for stage, sp in parts.stage_spaces().items():
-        dims = sp.dims()
+    for stage, stage_space in parts.stage_spaces().items():
+        dims = stage_space.dims()
         if len(dims) < 2:
             problems.append(Problem(f"{src}: optimizer.name", f"pycma needs at least 2 search dimensions, the "
                                     f"{stage} stage has {len(dims)}", "search more parameters, or use tpe / random"))
@@ -100,8 +100,8 @@ def _optimizer_problems(parts: SpaceParts) -> list[Problem]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                es = cma.CMAEvolutionStrategy(D.encode(dims, sp.default_params()), cfg.sigma0, opts)
-                es.ask()
+                strategy = cma.CMAEvolutionStrategy(D.encode(dims, stage_space.default_params()), cfg.sigma0, opts)
+                strategy.ask()
                 error = None
             except Exception as err:  # noqa: BLE001 - pycma raises many kinds for bad option values
                 error = f"{type(err).__name__}: {err}"
@@ -198,7 +198,7 @@ def source_problems(parts: SpaceParts, opened: dict[str, Any] | None = None) -> 
     problems: list[Problem] = []
     opened = {} if opened is None else opened
 
-    def ck(ref: str, where: str) -> Checkpoint | None:
+    def open_model(ref: str, where: str) -> Checkpoint | None:
         if ref not in opened:
             try:
                 opened[ref] = Checkpoint.open(ref)
@@ -212,9 +212,9 @@ def source_problems(parts: SpaceParts, opened: dict[str, Any] | None = None) -> 
         models: dict[str, Checkpoint] = {}
         for label, ref, where in ([(f"base ({ps.base})", ps.base, "ps.base")] if ps.base else []) + [
                 (f"{name} ({ref})", ref, "ps.sources") for name, ref in ps.sources]:
-            c = ck(ref, where)
-            if c is not None:
-                models[label] = c
+            checkpoint = open_model(ref, where)
+            if checkpoint is not None:
+                models[label] = checkpoint
         try:
             check_compatible(models)
         except EvomergeError as err:
@@ -229,13 +229,14 @@ def source_problems(parts: SpaceParts, opened: dict[str, Any] | None = None) -> 
     dfs = parts.dfs
     if dfs is not None:
         stand_in = (ps.base or ps.sources[0][1]) if ps is not None else None  # the PS winner's shape
-        cks: list[tuple[str, Checkpoint]] = []
+        checkpoints: list[tuple[str, Checkpoint]] = []
         for name, ref in dfs.models:
             real = stand_in if ref == PS_WINNER else ref
-            c = ck(real, "dfs.models") if real is not None else None
-            cks.append((f"{name} ({ref})" if ref != PS_WINNER else f"{name} (the PS winner, shaped like {real})", c))
-        if all(c is not None for _, c in cks):
-            problems += _dfs_problems(parts.source, dfs, cks)
+            checkpoint = open_model(real, "dfs.models") if real is not None else None
+            label = f"{name} ({ref})" if ref != PS_WINNER else f"{name} (the PS winner, shaped like {real})"
+            checkpoints.append((label, checkpoint))
+        if all(model is not None for _, model in checkpoints):
+            problems += _dfs_problems(parts.source, dfs, checkpoints)
     return problems
 
 
@@ -257,27 +258,27 @@ def _mismatch(label: str, ref_label: str, details: list[str], shown: int = 4) ->
     return f"{head}: {text}"
 
 
-def _layer_map(ck, layer: int) -> dict[str, tuple[int, ...]]:
+def _layer_map(checkpoint, layer: int) -> dict[str, tuple[int, ...]]:
     from evomerge.checkpoint import split_layer_name
 
     out = {}
-    for n in ck.names:
+    for n in checkpoint.names:
         parts = split_layer_name(n)
         if parts is not None and parts[1] == layer:
-            out[parts[2]] = tuple(ck.shape(n))
+            out[parts[2]] = tuple(checkpoint.shape(n))
     return out
 
 
-def _dfs_problems(source: str, dfs: DFSSpace, cks: list[tuple[str, Any]]) -> list[Problem]:
+def _dfs_problems(source: str, dfs: DFSSpace, checkpoints: list[tuple[str, Any]]) -> list[Problem]:
     problems: list[Problem] = []
     where = f"{source}: dfs.models"
-    embed_label, embed = cks[dfs.embed]
-    head_label, head = cks[dfs.head]
+    embed_label, embed = checkpoints[dfs.embed]
+    head_label, head = checkpoints[dfs.head]
     ref = _layer_map(embed, 0)
-    for label, c in cks:
+    for label, checkpoint in checkpoints:
         mine: list[str] = []
-        for layer in range(c.num_layers):
-            got = _layer_map(c, layer)
+        for layer in range(checkpoint.num_layers):
+            got = _layer_map(checkpoint, layer)
             for suffix in sorted(set(got) | set(ref)):
                 if suffix not in ref:
                     mine.append(f"its layer {layer} has tensor '{suffix}', they do not")

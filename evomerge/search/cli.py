@@ -137,27 +137,27 @@ def _recorded_workers(study_dir: str) -> int:
     return read_meta(Path(study_dir)).workers
 
 
-def _add_ray_options(p) -> None:
-    g = p.add_argument_group("Ray workers (used with --workers N > 1, --address or $RAY_ADDRESS)")
-    g.add_argument("--address", default=None,
-                   help="existing Ray cluster, e.g. ray://head:10001 (default $RAY_ADDRESS, else a local instance)")
-    g.add_argument("--ray-gpus-per-worker", type=float, default=None,
-                   help="GPUs per worker, fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
-    g.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    g.add_argument("--ray-sources", choices=["shared", "object-store"], default="shared",
-                   help="workers read models from paths all nodes share, or get them from the driver")
-    g.add_argument("--ray-residency", choices=["device", "host"], default="device",
-                   help="sources on each worker's device, or in host memory streamed per tensor (big models)")
-    g.add_argument("--ray-max-retries", type=int, default=2,
-                   help="retries of a candidate whose worker died or ran out of memory (default 2)")
-    g.add_argument("--ray-dashboard", action="store_true", help="start the Ray dashboard (local instance)")
-    g.add_argument("--ray-start-timeout", type=float, default=None, metavar="S",
-                   help="seconds a worker may take to start and load its sources (default 600)")
-    g.add_argument("--ray-restart-timeout", type=float, default=None, metavar="S",
-                   help="seconds a lost worker has to come back before it no longer counts "
-                        "(default 60 + twice its first start-up)")
-    g.add_argument("--ray-ping-timeout", type=float, default=None, metavar="S",
-                   help="seconds a busy worker may leave a ping unanswered before it is restarted (default 120)")
+def _add_ray_options(command) -> None:
+    group = command.add_argument_group("Ray workers (used with --workers N > 1, --address or $RAY_ADDRESS)")
+    group.add_argument("--address", default=None,
+                       help="existing Ray cluster, e.g. ray://head:10001 (default $RAY_ADDRESS, else a local instance)")
+    group.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                       help="GPUs per worker, fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    group.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    group.add_argument("--ray-sources", choices=["shared", "object-store"], default="shared",
+                       help="workers read models from paths all nodes share, or get them from the driver")
+    group.add_argument("--ray-residency", choices=["device", "host"], default="device",
+                       help="sources on each worker's device, or in host memory streamed per tensor (big models)")
+    group.add_argument("--ray-max-retries", type=int, default=2,
+                       help="retries of a candidate whose worker died or ran out of memory (default 2)")
+    group.add_argument("--ray-dashboard", action="store_true", help="start the Ray dashboard (local instance)")
+    group.add_argument("--ray-start-timeout", type=float, default=None, metavar="S",
+                       help="seconds a worker may take to start and load its sources (default 600)")
+    group.add_argument("--ray-restart-timeout", type=float, default=None, metavar="S",
+                       help="seconds a lost worker has to come back before it no longer counts "
+                       "(default 60 + twice its first start-up)")
+    group.add_argument("--ray-ping-timeout", type=float, default=None, metavar="S",
+                       help="seconds a busy worker may leave a ping unanswered before it is restarted (default 120)")
 
 
 # RayExecutor liveness arguments settable from the command line (unset flags keep its defaults)
@@ -200,8 +200,8 @@ def export_command(study_dir: str, out: str, *, trial: int | None = None, best: 
 def report_command(study_dir: str) -> int:
     from evomerge.search.report import write_report
 
-    for p in write_report(study_dir):
-        print(p)
+    for path in write_report(study_dir):
+        print(path)
     return 0
 
 
@@ -215,60 +215,60 @@ def rescore_command(study_dir: str, *, force: bool = False) -> int:
 
 def register(sub) -> None:
     """Add the search subcommands to an ``argparse`` subparsers object."""
-    p = sub.add_parser("search", help="run an evolutionary merge search from a search space YAML")
-    p.add_argument("space", help="search space YAML (see search_spaces/)")
-    p.add_argument("--study-dir", default=None, help="results folder (default results/<space name>)")
-    p.add_argument("--trials", type=int, default=None, help="trial budget (default: the YAML's budget.trials)")
-    p.add_argument("--timeout", default=None,
-                   help="stop proposing after this long, e.g. 8h, 45m; the front is then re-scored on "
-                        "held-out (resume continues)")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL (default sqlite:///<study-dir>/study.db; postgresql://... works)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="candidates scored at once: N > 1 starts N Ray workers (default 1, in-process)")
-    p.add_argument("--limit", type=int, default=None, help="score at most N items per task (quick runs)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_ray_options(p)
-    p.set_defaults(func=lambda a: search_command(a.space, a.study_dir, trials=a.trials, timeout=a.timeout,
+    command = sub.add_parser("search", help="run an evolutionary merge search from a search space YAML")
+    command.add_argument("space", help="search space YAML (see search_spaces/)")
+    command.add_argument("--study-dir", default=None, help="results folder (default results/<space name>)")
+    command.add_argument("--trials", type=int, default=None, help="trial budget (default: the YAML's budget.trials)")
+    command.add_argument("--timeout", default=None,
+                         help="stop proposing after this long, e.g. 8h, 45m; the front is then re-scored on "
+                         "held-out (resume continues)")
+    command.add_argument("--storage", default=None,
+                         help="Optuna storage URL (default sqlite:///<study-dir>/study.db; postgresql://... works)")
+    command.add_argument("--workers", type=int, default=1,
+                         help="candidates scored at once: N > 1 starts N Ray workers (default 1, in-process)")
+    command.add_argument("--limit", type=int, default=None, help="score at most N items per task (quick runs)")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_ray_options(command)
+    command.set_defaults(func=lambda a: search_command(a.space, a.study_dir, trials=a.trials, timeout=a.timeout,
                                                  storage=a.storage, workers=a.workers, limit=a.limit,
                                                  quiet=a.quiet, ray=_ray_args(a)))
 
-    p = sub.add_parser("resume", help="continue a search after Ctrl-C or a crash, or extend its budget")
-    p.add_argument("study_dir")
-    p.add_argument("--trials", type=int, default=None, help="new total trial budget")
-    p.add_argument("--timeout", default=None, help="stop proposing after this long (as for search)")
-    p.add_argument("--storage", default=None, help="override the storage URL recorded in study.json")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("-q", "--quiet", action="store_true")
-    _add_ray_options(p)
-    p.set_defaults(func=lambda a: resume_command(a.study_dir, trials=a.trials, timeout=a.timeout,
+    command = sub.add_parser("resume", help="continue a search after Ctrl-C or a crash, or extend its budget")
+    command.add_argument("study_dir")
+    command.add_argument("--trials", type=int, default=None, help="new total trial budget")
+    command.add_argument("--timeout", default=None, help="stop proposing after this long (as for search)")
+    command.add_argument("--storage", default=None, help="override the storage URL recorded in study.json")
+    command.add_argument("--workers", type=int, default=None)
+    command.add_argument("-q", "--quiet", action="store_true")
+    _add_ray_options(command)
+    command.set_defaults(func=lambda a: resume_command(a.study_dir, trials=a.trials, timeout=a.timeout,
                                                  storage=a.storage, workers=a.workers, quiet=a.quiet,
                                                  ray=_ray_args(a)))
 
-    p = sub.add_parser("status", help="trials done / failed / running, best so far, front size, ETA")
-    p.add_argument("study_dir")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=lambda a: status_command(a.study_dir, as_json=a.json))
+    command = sub.add_parser("status", help="trials done / failed / running, best so far, front size, ETA")
+    command.add_argument("study_dir")
+    command.add_argument("--json", action="store_true", help="machine-readable output")
+    command.set_defaults(func=lambda a: status_command(a.study_dir, as_json=a.json))
 
-    p = sub.add_parser("export", help="write a trial's recipe (default: the best) as evomerge or mergekit YAML")
-    p.add_argument("study_dir")
-    p.add_argument("-o", "--out", required=True, help="recipe file to write")
-    p.add_argument("--trial", type=int, default=None, help="trial number")
-    p.add_argument("--best", action="store_true", help="the best trial (the default)")
-    p.add_argument("--objective", default=None, help="with --best: best by this objective")
-    p.add_argument("--format", dest="fmt", choices=["evomerge", "mergekit"], default="evomerge")
-    p.add_argument("--stage", default=None, help="ps or dfs (two-stage studies; default the last)")
-    p.set_defaults(func=lambda a: export_command(a.study_dir, a.out, trial=a.trial, best=a.best,
+    command = sub.add_parser("export", help="write a trial's recipe (default: the best) as evomerge or mergekit YAML")
+    command.add_argument("study_dir")
+    command.add_argument("-o", "--out", required=True, help="recipe file to write")
+    command.add_argument("--trial", type=int, default=None, help="trial number")
+    command.add_argument("--best", action="store_true", help="the best trial (the default)")
+    command.add_argument("--objective", default=None, help="with --best: best by this objective")
+    command.add_argument("--format", dest="fmt", choices=["evomerge", "mergekit"], default="evomerge")
+    command.add_argument("--stage", default=None, help="ps or dfs (two-stage studies; default the last)")
+    command.set_defaults(func=lambda a: export_command(a.study_dir, a.out, trial=a.trial, best=a.best,
                                                  objective=a.objective, fmt=a.fmt, stage=a.stage))
 
-    p = sub.add_parser("report", help="write trials.csv, pareto.csv, pareto.png and best recipes")
-    p.add_argument("study_dir")
-    p.set_defaults(func=lambda a: report_command(a.study_dir))
+    command = sub.add_parser("report", help="write trials.csv, pareto.csv, pareto.png and best recipes")
+    command.add_argument("study_dir")
+    command.set_defaults(func=lambda a: report_command(a.study_dir))
 
-    p = sub.add_parser("rescore", help="re-score the Pareto front and baselines on the held-out split")
-    p.add_argument("study_dir")
-    p.add_argument("--force", action="store_true", help="score again trials already re-scored")
-    p.set_defaults(func=lambda a: rescore_command(a.study_dir, force=a.force))
+    command = sub.add_parser("rescore", help="re-score the Pareto front and baselines on the held-out split")
+    command.add_argument("study_dir")
+    command.add_argument("--force", action="store_true", help="score again trials already re-scored")
+    command.set_defaults(func=lambda a: rescore_command(a.study_dir, force=a.force))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,10 +42,10 @@ from evomerge.search.stages import StudyRun
 from evomerge.search.study import (META_FILE, SPACE_FILE, StudyLock, StudyMeta, check_study_exists, create_or_load,
                                    default_storage, meta_text, normalize_storage_url, open_storage, read_meta,
                                    sqlite_path, study_names, write_meta)
-from evomerge.workers import base as _workers  # module, not names: evomerge.workers may be mid-import
+from evomerge.workers.base import Executor
 
 # (space, meta, study folder) -> the executor of the run (e.g. Ray workers logging into the folder)
-ExecutorFactory = Callable[[SearchSpace, StudyMeta, Path], "_workers.Executor | None"]
+ExecutorFactory = Callable[[SearchSpace, StudyMeta, Path], "Executor | None"]
 
 
 @dataclasses.dataclass
@@ -68,7 +68,7 @@ def _abs(path: str | Path) -> Path:
 
 def start_search(space_path: str | Path, study_dir: str | Path | None = None, *, storage: str | None = None,
                  trials: int | None = None, timeout: float | None = None, workers: int = 1,
-                 limit: int | None = None, progress: bool = True, executor: _workers.Executor | None = None,
+                 limit: int | None = None, progress: bool = True, executor: Executor | None = None,
                  executor_factory: ExecutorFactory | None = None,
                  evaluator_factory: Callable[[], Evaluator] | None = None, report: bool = True) -> SearchResult:
     """Check everything, create the study folder for ``space_path`` (default ``results/<name>``) and
@@ -115,20 +115,20 @@ def start_search(space_path: str | Path, study_dir: str | Path | None = None, *,
             raise StudyError(f"{study_dir} already holds a study; continue it with `evomerge resume {study_dir}` "
                              "or choose another --study-dir")
         start.armed = True
-        st = ext if ext is not None else open_storage(meta.storage)
-        start.storage = st
-        have = check_names_free(st, meta.storage, names, study_dir)
+        opened = ext if ext is not None else open_storage(meta.storage)
+        start.storage = opened
+        have = check_names_free(opened, meta.storage, names, study_dir)
         start.stage_names, start.names = names, [n for n in names if n not in have]
         directions = study_directions(list(space.objectives))
         metric_names = study_metric_names(list(space.objectives))
         for n in names:  # every stage's study now: a later stage's exists before it starts
-            create_or_load(st, n, directions, None, metric_names)
+            create_or_load(opened, n, directions, None, metric_names)
         atomic_write_text(study_dir / SPACE_FILE, yaml.safe_dump(space.data, sort_keys=False))
         write_meta(study_dir, meta)  # last: a folder with study.json holds a complete study
         exe, own = executor, False
         if exe is None and executor_factory is not None:
             exe, own = executor_factory(space, meta, study_dir), True
-        return _run(study_dir, meta, space, exe, st, probe, evaluator_factory, progress, meta.timeout, report,
+        return _run(study_dir, meta, space, exe, opened, probe, evaluator_factory, progress, meta.timeout, report,
                     own_executor=own)
     except BaseException:
         if start.armed and not start.has_trials():
@@ -153,16 +153,16 @@ def open_study_space(study_dir: Path, **kw: Any) -> SearchSpace:
 
 def _open_existing(study_dir: Path, meta: StudyMeta, *, evaluator_factory, local: bool):
     """The study's storage (which must hold it) and its space, checked as a start checks it."""
-    st = open_storage(meta.storage, create=False)
-    check_study_exists(st, meta, study_dir)
+    opened = open_storage(meta.storage, create=False)
+    check_study_exists(opened, meta, study_dir)
     space, probe = check_space(_space_file(study_dir), evaluator_factory=evaluator_factory,
                                base_dirs=study_bases(study_dir), local=local)
-    return st, space, probe
+    return opened, space, probe
 
 
 def resume_search(study_dir: str | Path, *, storage: str | None = None, trials: int | None = None,
                   timeout: float | None = None, workers: int | None = None, progress: bool = True,
-                  executor: _workers.Executor | None = None, executor_factory: ExecutorFactory | None = None,
+                  executor: Executor | None = None, executor_factory: ExecutorFactory | None = None,
                   evaluator_factory: Callable[[], Evaluator] | None = None,
                   report: bool = True) -> SearchResult:
     """Continue the study in ``study_dir`` (after Ctrl-C, kill -9, or to extend its budget). Changed
@@ -180,13 +180,13 @@ def resume_search(study_dir: str | Path, *, storage: str | None = None, trials: 
         if workers is not None:
             new.workers = workers
         local = executor is None and executor_factory is None
-        st, space, probe = _open_existing(study_dir, new, evaluator_factory=evaluator_factory, local=local)
+        opened, space, probe = _open_existing(study_dir, new, evaluator_factory=evaluator_factory, local=local)
         if meta_text(new) != meta_text(meta):
             write_meta(study_dir, new)
         exe, own = executor, False
         if exe is None and executor_factory is not None:
             exe, own = executor_factory(space, new, study_dir), True
-        return _run(study_dir, new, space, exe, st, probe, evaluator_factory, progress,
+        return _run(study_dir, new, space, exe, opened, probe, evaluator_factory, progress,
                     timeout if timeout is not None else new.timeout, report, own_executor=own)
 
 
@@ -220,7 +220,7 @@ def _run(study_dir, meta, space, executor, storage, probe, evaluator_factory, pr
     return SearchResult(study_dir, stages, complete)
 
 
-def rescore_study(study_dir: str | Path, *, force: bool = False, executor: _workers.Executor | None = None,
+def rescore_study(study_dir: str | Path, *, force: bool = False, executor: Executor | None = None,
                   executor_factory: ExecutorFactory | None = None,
                   evaluator_factory: Callable[[], Evaluator] | None = None, report: bool = True) -> int:
     """Re-score every stage's Pareto front and baselines on the held-out split."""
@@ -228,14 +228,17 @@ def rescore_study(study_dir: str | Path, *, force: bool = False, executor: _work
     meta = read_meta(study_dir)
     with StudyLock.acquire(study_dir, "rescore"):
         local = executor is None and executor_factory is None
-        st, space, probe = _open_existing(study_dir, meta, evaluator_factory=evaluator_factory, local=local)
+        opened, space, probe = _open_existing(study_dir, meta, evaluator_factory=evaluator_factory, local=local)
         exe, own = executor, False
         if exe is None and executor_factory is not None:
             exe, own = executor_factory(space, meta, study_dir), True
-        run = StudyRun(study_dir, meta, space, exe, st, probe, evaluator_factory, False, None, own_executor=own)
+        run = StudyRun(study_dir, meta, space, exe, opened, probe, evaluator_factory, False, None, own_executor=own)
         try:
-            have = set(study_names(st))
-            n = sum(run.rescore(stage, force=force) for stage in meta.stages if meta.study_name(stage) in have)
+            have = set(study_names(opened))
+            started = [stage for stage in meta.stages if meta.study_name(stage) in have]
+            for stage in started:  # a study from before winners were chosen on validation gets its choice
+                run.select(stage)
+            n = sum(run.rescore(stage, force=force) for stage in started)
         finally:
             run.close()
         if report:

@@ -43,25 +43,25 @@ def check_new_study_dir(study_dir: Path) -> None:
 def make_dirs(study_dir: Path) -> list[Path]:
     """Create ``study_dir`` and its missing parents; the folders this call created, outermost first."""
     missing = []
-    p = study_dir
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
+    ancestor = study_dir
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        missing.append(ancestor)
+        ancestor = ancestor.parent
     created = []
-    for d in reversed(missing):
+    for folder in reversed(missing):
         try:
-            d.mkdir()
-            created.append(d)
+            folder.mkdir()
+            created.append(folder)
         except FileExistsError:
-            if not d.is_dir():
-                raise StudyError(f"cannot create the study folder {study_dir}: {d} is a file") from None
+            if not folder.is_dir():
+                raise StudyError(f"cannot create the study folder {study_dir}: {folder} is a file") from None
         except OSError as err:
-            for c in reversed(created):
+            for made in reversed(created):
                 try:
-                    c.rmdir()
+                    made.rmdir()
                 except OSError:
                     pass
-            raise StudyError(f"cannot create the study folder {study_dir}: {err.strerror or err} ({d})") from None
+            raise StudyError(f"cannot create the study folder {study_dir}: {err.strerror or err} ({folder})") from None
     return created
 
 
@@ -114,14 +114,14 @@ class StartUndo:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             for name in set(os.listdir(self.dir)) - self.before:
-                p = self.dir / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
+                entry = self.dir / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
                 else:
-                    p.unlink(missing_ok=True)
-        for d in reversed(self.created_dirs):
-            if d != self.dir:
+                    entry.unlink(missing_ok=True)
+        for folder in reversed(self.created_dirs):
+            if folder != self.dir:
                 try:
-                    d.rmdir()  # only when empty: another process may have put something there
+                    folder.rmdir()  # only when empty: another process may have put something there
                 except OSError:
                     pass

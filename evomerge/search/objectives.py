@@ -3,8 +3,11 @@
 An objective is either a suite **metric** (a score the evaluator reports, e.g. one task or
 ``combined``; maximized by default) or a **cost** of the candidate (``params``: parameter count,
 ``layers``: decoder layer count; minimized by default), computed from checkpoint headers without
-building the model. With several objectives the result is a Pareto front; with ``weight`` set on
-every objective they are combined into one maximized scalar ``sum(w * v * (+1 max / -1 min))``.
+building the model, or its inference cost relative to one source (``passes``: forward passes per
+generated token, ``read``: parameters read per token; :mod:`evomerge.fusion.cost`), from the cost
+record of its evaluation (1 and the size ratio for a merge, measured for a fused candidate). With
+several objectives the result is a Pareto front; with ``weight`` set on every objective they are
+combined into one maximized scalar ``sum(w * v * (+1 max / -1 min))``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 from evomerge.recipe import DataFlowRecipe, MergeRecipe, Recipe, StackRecipe, stack_to_dataflow
 
-COSTS = ("params", "layers")
+COSTS = ("params", "layers", "passes", "read")
+INFERENCE_COSTS = ("passes", "read")  # from the evaluation's cost record
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,11 @@ def model_size(ref: str, ck=None) -> ModelSize:
 
 
 def candidate_costs(recipe: Recipe) -> dict[str, float]:
-    """``{"params": ..., "layers": ...}`` of the model ``recipe`` builds."""
+    """``{"params": ..., "layers": ...}`` of the model ``recipe`` builds (a fused candidate: of every
+    model it runs)."""
+    if getattr(recipe, "kind", None) == "fusion":
+        sizes = [model_size(ref) for ref in recipe.local_refs()]
+        return {"params": float(sum(s.total for s in sizes)), "layers": float(sum(s.num_layers for s in sizes))}
     if isinstance(recipe, StackRecipe):
         recipe = stack_to_dataflow(recipe)
     if isinstance(recipe, DataFlowRecipe):
@@ -121,13 +129,21 @@ def candidate_costs(recipe: Recipe) -> dict[str, float]:
     return {"params": float(ref.total), "layers": float(ref.num_layers)}
 
 
-def objective_values(objectives: list[Objective], scores: dict[str, float], recipe: Recipe
-                     ) -> dict[str, float]:
-    """Value of every objective for a candidate with evaluator ``scores``; KeyError names a missing metric."""
+def objective_values(objectives: list[Objective], scores: dict[str, float], recipe: Recipe,
+                     cost: dict[str, float] | None = None) -> dict[str, float]:
+    """Value of every objective for a candidate with evaluator ``scores`` and the evaluation's
+    ``cost`` record; KeyError names a missing metric."""
     costs: dict[str, Any] | None = None
     out = {}
     for o in objectives:
-        if o.kind == "cost":
+        if o.kind == "cost" and o.key in INFERENCE_COSTS:
+            from evomerge.fusion.study import candidate_cost
+
+            record = candidate_cost(recipe, cost)
+            if o.key not in record:
+                raise KeyError(f"the evaluation reported no cost '{o.key}' (got: {', '.join(sorted(record)) or 'none'})")
+            out[o.name] = float(record[o.key])
+        elif o.kind == "cost":
             costs = costs or candidate_costs(recipe)
             out[o.name] = costs[o.key]
         else:

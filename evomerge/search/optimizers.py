@@ -10,7 +10,7 @@ exactly the generation an uninterrupted run would have asked: with a fixed seed,
 candidates.
 
 **Optuna samplers** by name: ``tpe``, ``cmaes`` (Optuna's CmaEsSampler, needs the ``cmaes`` package,
-single objective only), ``nsgaii``, ``nsgaiii``, ``gp``, ``random``. ``optimizer.options`` are passed
+single objective only; it starts at the untuned point, like pycma, with ``sigma0`` of the box), ``nsgaii``, ``nsgaiii``, ``gp``, ``random``. ``optimizer.options`` are passed
 as keyword arguments to the sampler's constructor (``popsize`` maps to ``population_size`` /
 ``popsize``). Their state is derived from the storage; on resume they are reseeded with
 ``seed + finished trials`` so they do not repeat their first proposals.
@@ -106,12 +106,39 @@ class PyCMA:
         set_attr(self.study, CMA_STATE, blob)
 
 
+def fixed_space(cls: type, space: dict[str, optuna.distributions.BaseDistribution]) -> type:
+    """``cls`` whose joint ("relative") search space is the stage's own ``space``.
+
+    Optuna's CMA-ES, GP and NSGA samplers model together the parameters every completed trial shares
+    (the intersection of their distributions). A stage's baselines are completed trials too, and a
+    source scored alone has no parameters: the intersection is empty and every parameter falls back
+    to independent random sampling. The stage's space is known beforehand, so the sampler is given it
+    (CMA-ES keeps its numeric dimensions, as it does itself); trials outside it still do not enter the
+    samplers' models (CMA-ES and NSGA use only the trials they proposed)."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    numeric_only = issubclass(cls, optuna.samplers.CmaEsSampler)
+
+    def infer_relative_search_space(self, study, trial):
+        return {name: d for name, d in space.items()
+                if not d.single() and (not numeric_only or isinstance(d, (FloatDistribution, IntDistribution)))}
+
+    return type(cls.__name__, (cls,), {"infer_relative_search_space": infer_relative_search_space,
+                                       "__module__": __name__, "__doc__": cls.__doc__})
+
+
 def _load(blob: str):
     return pickle.loads(base64.b64decode(blob.encode("ascii")))
 
 
-def make_sampler(cfg: OptimizerConfig, *, n_objectives: int, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler ``cfg.name`` asks for (for pycma: a random sampler that only stores trials)."""
+def make_sampler(cfg: OptimizerConfig, *, n_objectives: int, seed_offset: int = 0,
+                 x0: dict[str, Any] | None = None,
+                 search_space: dict[str, optuna.distributions.BaseDistribution] | None = None
+                 ) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler ``cfg.name`` asks for (for pycma: a random sampler that only stores trials).
+    ``x0``: the untuned point, where Optuna's CMA-ES starts (its numeric dimensions; without it the
+    sampler starts at the middle of the box). ``search_space``: the stage's distributions, the joint
+    space of the samplers that model parameters together (see :func:`fixed_space`)."""
     seed = cfg.seed + seed_offset
     s = optuna.samplers
     if cfg.name in ("pycma", "cma"):
@@ -128,6 +155,8 @@ def make_sampler(cfg: OptimizerConfig, *, n_objectives: int, seed_offset: int = 
     classes = {"tpe": s.TPESampler, "cmaes": s.CmaEsSampler, "nsgaii": s.NSGAIISampler,
                "nsgaiii": s.NSGAIIISampler, "gp": s.GPSampler, "random": s.RandomSampler}
     cls = classes[cfg.name]
+    if search_space is not None and cfg.name in ("cmaes", "gp", "nsgaii", "nsgaiii"):
+        cls = fixed_space(cls, search_space)
     kwargs: dict[str, Any] = {"seed": seed}
     sig = inspect.signature(cls)
     if cfg.popsize:
@@ -136,6 +165,9 @@ def make_sampler(cfg: OptimizerConfig, *, n_objectives: int, seed_offset: int = 
                 kwargs[key] = cfg.popsize
     if cfg.name == "cmaes":
         kwargs.setdefault("sigma0", cfg.sigma0)
+        numeric = {k: v for k, v in (x0 or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            kwargs["x0"] = numeric
     kwargs.update(cfg.options)
     bad = [k for k in kwargs if k not in sig.parameters]
     if bad:

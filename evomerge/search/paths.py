@@ -20,27 +20,27 @@ def resolve_ref(ref: str, base_dirs: list[Path] | None = None) -> str:
     current directory, where it exists), else the reference unchanged (a hub id)."""
     if ref == PS_WINNER:
         return ref
-    p = Path(ref).expanduser()
-    if p.is_absolute():
-        return str(p.resolve()) if p.exists() else ref
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path.resolve()) if path.exists() else ref
     for base in base_dirs or [Path.cwd()]:
-        q = Path(base) / p
-        if q.exists():
-            return str(q.resolve())
+        candidate = Path(base) / path
+        if candidate.exists():
+            return str(candidate.resolve())
     return ref
 
 
 def resolve_path(value: str, base_dirs: list[Path] | None = None) -> str:
     """A file path made absolute: against the first of ``base_dirs`` (default the current directory)
     where it exists, else against the first one (a file or folder still to be created)."""
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
     bases = [Path(b) for b in (base_dirs or [Path.cwd()])]
     for base in bases:
-        if (base / p).exists():
-            return str((base / p).resolve())
-    return os.path.normpath(os.path.abspath(bases[0] / p))
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return os.path.normpath(os.path.abspath(bases[0] / path))
 
 
 def resolve_evaluation(evaluation: dict[str, Any], base_dirs: list[Path] | None = None) -> dict[str, Any]:

@@ -9,6 +9,13 @@ has one value per **source x layer group x module group**:
   :func:`evomerge.recipe.resolve_param` (gradient point ``i`` sits at ``t = i / (n - 1)``) gives
   layer ``i`` exactly its group's value: piecewise constant, no interpolation between groups.
   Embeddings (``t = 0``) take the first group's value, the final norm and head (``t = 1``) the last's.
+* control points (``control_points: k``, k >= 2, instead of groups): a float parameter takes ``k``
+  values per source, written as a gradient list of ``k`` points: point ``j`` sits at
+  ``t = j / (k - 1)`` and every layer between two points gets their linear interpolation
+  (:func:`evomerge.recipe.resolve_param`), as mergekit-evolve parameterises layer-wise values. This
+  is the smoothness prior across layers: neighbouring layers get close values, and ``k`` numbers
+  per source are searched instead of one per layer (no penalty term is added to the objective).
+  Integer and boolean parameters keep one value per source.
 * module groups (optional ``modules: [self_attn, mlp]``): one value per filter plus one for
   ``other`` (embeddings, norms, head), written as ``{filter, value}`` rules in that order with a
   final catch-all rule.
@@ -17,7 +24,7 @@ Global parameters (``lambda``, ...) are searched as one scalar each. Which param
 valid range and their default search bounds come from the method registry's :class:`ParamSpec`;
 the search space YAML only overrides bounds (``{low, high}``) or fixes a value.
 
-Dimension names: ``weight.<source>[.g<k>][.<module>]``, ``lambda``, and ``method`` (a categorical
+Dimension names: ``weight.<source>[.g<k>|.c<j>][.<module>]``, ``lambda``, and ``method`` (a categorical
 choice when several methods are listed; the union of their parameters is searched and each decoded
 recipe uses the parameters its method declares).
 """
@@ -30,6 +37,7 @@ from typing import Any
 from evomerge.methods import get_method
 from evomerge.methods.registry import ParamSpec
 from evomerge.recipe import MergeRecipe, ParamRule, SourceSpec
+from evomerge.recipe_sections import CALIBRATED_METHODS
 from evomerge.search.dims import Dim
 
 OTHER = "other"
@@ -56,6 +64,8 @@ class PSSpace:
     params: dict[str, ParamChoice] = field(default_factory=dict)  # resolved per parameter name
     dtype: str | None = None
     seed: int = 0
+    calibration: Any = None  # CalibrationSpec: set on the recipes of data-aware methods (regmean, fisher)
+    control_points: int | None = None  # k >= 2: float parameters interpolated between k points
 
     # ---------------------------------------------------------------- structure
 
@@ -74,13 +84,19 @@ class PSSpace:
                 out.setdefault(p.name, p)
         return list(out.values())
 
-    def dim_name(self, param: str, source: str, group: int, module: str | None) -> str:
+    def dim_name(self, param: str, source: str, group: int, module: str | None, point: int | None = None) -> str:
         name = f"{param}.{source}"
-        if self.groups > 1:
+        if point is not None:
+            name += f".c{point}"
+        elif self.groups > 1:
             name += f".g{group}"
         if module:
             name += f".{module}"
         return name
+
+    def points(self, p: ParamSpec) -> int | None:
+        """Control points of parameter ``p`` (None: one value per layer group)."""
+        return self.control_points if self.control_points and p.kind == "float" else None
 
     def dims(self) -> list[Dim]:
         dims: list[Dim] = []
@@ -97,10 +113,12 @@ class PSSpace:
             if p.scope == "global":
                 dims.append(Dim(p.name, **base))
                 continue
+            k = self.points(p)
             for src, _ in self.sources:
-                for g in range(self.groups):
-                    for mod in self.module_keys():
-                        dims.append(Dim(self.dim_name(p.name, src, g, mod), **base))
+                for g in range(self.groups if k is None else 1):
+                    for j in ([None] if k is None else range(k)):
+                        for mod in self.module_keys():
+                            dims.append(Dim(self.dim_name(p.name, src, g, mod, j), **base))
         return dims
 
     # ---------------------------------------------------------------- decoding
@@ -109,6 +127,9 @@ class PSSpace:
         def one(module: str | None) -> Any:
             if src is None:
                 return _valid(p, params[p.name])
+            if self.points(p):
+                return [float(_valid(p, params[self.dim_name(p.name, src, 0, module, j)]))
+                        for j in range(self.points(p))]
             vals = [_valid(p, params[self.dim_name(p.name, src, g, module)]) for g in range(self.groups)]
             if len(vals) == 1 or p.kind == "bool":
                 return vals[0]
@@ -141,6 +162,7 @@ class PSSpace:
             base=self.base if spec.takes_base else None,
             sources=[SourceSpec(model=ref, params=per_source[name]) for name, ref in self.sources],
             params=glob, dtype=self.dtype, seed=self.seed,
+            calibration=self.calibration if spec.name in CALIBRATED_METHODS else None,
         )
 
     def default_params(self) -> dict[str, Any]:

@@ -6,10 +6,15 @@ last stage's are also written at the top level):
 * ``trials.csv``: one row per trial: state, kind (search / baseline), objectives, per-metric scores
   and sample sizes, held-out objectives where re-scored, params, timings, worker, error.
 * ``pareto.csv``: the Pareto front (baselines included when on it), search and held-out side by side.
-* ``pareto.png``: two objectives: every trial, the front, and the baselines labelled; one
-  objective: the score of every trial, best so far, and each baseline as a labelled line.
-* ``best.yaml`` (highest weighted score, or best first objective), ``best_<objective>.yaml`` per
-  objective, and ``front/trial_<n>.yaml`` for each front member.
+* ``pareto.png``: two objectives: every trial, the front, and the baselines labelled (merges as
+  stars, ensembles, i.e. fusion baselines, as diamonds); one objective: the score of every trial,
+  best so far, and each baseline as a labelled line (dotted for an ensemble).
+* ``best.yaml`` (the winner: chosen on the validation sample when the evaluator has one, else the
+  highest weighted score or best first objective), ``best_<objective>.yaml`` per objective, and
+  ``front/trial_<n>.yaml`` for each front member.
+* ``selection.md`` / ``selection.json``: search, validation and held-out scores of the winner, the
+  search-best trial, the selection pool and the baselines with 95% intervals, and the winner's
+  held-out margin over each baseline with its paired interval (:mod:`evomerge.search.selection_report`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def trial_rows(study, objectives: list[Objective]) -> list[dict[str, Any]]:
         row |= _flat("search.", ua.get("objectives"))
         row |= _flat("heldout.", (held.get(t.number) or {}).get("objectives"))
         row |= _flat("score.", ua.get("scores")) | _flat("n.", ua.get("n"))
+        row |= _flat("cost.", ua.get("cost"))  # inference cost relative to one source (evomerge.fusion.cost)
         row |= _flat("param.", t.params)
         sec = ua.get("seconds") or {}
         row |= {"seconds_eval": sec.get("eval"), "seconds_total": sec.get("total"), "worker": ua.get("worker"),
@@ -123,9 +129,12 @@ def plot(study, objectives: list[Objective], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evomerge.fusion.study import is_fusion
+
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "objectives" in t.user_attrs]
     search = [t for t in done if t.user_attrs.get("kind", "search") == "search"]
     base = [t for t in done if t.user_attrs.get("kind") == "baseline"]
+    fused = {t.number for t in base if is_fusion(t.user_attrs.get("recipe", ""))}  # ensembles, not merges
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     if len(objectives) >= 2:
         a, b = objectives[0], objectives[1]
@@ -134,8 +143,13 @@ def plot(study, objectives: list[Objective], path: Path, title: str) -> Path:
         front = front_trials(study, objectives)
         pts = sorted((val(t, a), val(t, b)) for t in front)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", c="tab:red", ms=5, label="Pareto front")
+        shown: set[str] = set()
         for t in base:
-            ax.scatter([val(t, a)], [val(t, b)], marker="*", s=120, c="tab:blue")
+            ens = t.number in fused
+            kind = "ensembles (fusion)" if ens else "merge baselines"
+            ax.scatter([val(t, a)], [val(t, b)], marker="D" if ens else "*", s=50 if ens else 120,
+                       c="tab:green" if ens else "tab:blue", label=None if kind in shown else kind)
+            shown.add(kind)
             ax.annotate(_label(t), (val(t, a), val(t, b)), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(f"{a.name} ({a.direction})")
         ax.set_ylabel(f"{b.name} ({b.direction})")
@@ -151,7 +165,7 @@ def plot(study, objectives: list[Objective], path: Path, title: str) -> Path:
         ax.step(xs, best, where="post", c="tab:red", label="best so far")
         for i, t in enumerate(base):
             y = t.user_attrs["objectives"][o.name]
-            ax.axhline(y, ls="--", lw=0.8, c=f"C{i % 10}")
+            ax.axhline(y, ls=":" if t.number in fused else "--", lw=0.8, c=f"C{i % 10}")  # dotted: an ensemble
             ax.annotate(_label(t), (xs[0] if xs else 0, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{o.name} ({o.direction})")
@@ -175,9 +189,15 @@ def _recipe(t: FrozenTrial):
 
 
 def best_by(study, objectives: list[Objective], objective: str | None = None) -> FrozenTrial | None:
+    """The best trial by ``objective``; without one, the stage's winner: chosen on the validation
+    sample when the choice is made (:mod:`evomerge.search.validation`), else the highest utility."""
+    from evomerge.search.validation import selected_trial
+
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "objectives" in t.user_attrs]
     if not done:
         return None
+    if objective is None and (chosen := selected_trial(study)) is not None:
+        return chosen
     if objective is None:
         return max(done, key=lambda t: (utility(objectives, t.user_attrs["objectives"]), -t.number))
     o = next((o for o in objectives if o.name == objective or o.key == objective), None)
@@ -199,6 +219,12 @@ def write_stage(study, objectives: list[Objective], out: Path, title: str) -> li
             written.append(dump_recipe(_recipe(best_by(study, objectives, o.name)), out / f"best_{_slug(o.name)}.yaml"))
     for t in front_trials(study, objectives):
         written.append(dump_recipe(_recipe(t), out / "front" / f"trial_{t.number}.yaml"))
+    from evomerge.search.selection_report import markdown, stage_summary, summary_json
+
+    summary = stage_summary(study, objectives)
+    if summary is not None:  # the winner chosen on validation, against every baseline on held-out
+        written.append(atomic_write_text(out / "selection.md", markdown(summary, title)))
+        written.append(atomic_write_text(out / "selection.json", summary_json(summary)))
     return written
 
 

@@ -5,9 +5,21 @@ candidate is scored on the smallest subsample first and only promising ones go o
 With pycma a whole population is scored rung by rung and the best ``promote`` fraction of it is
 promoted (synchronous successive halving); with an Optuna sampler each trial is promoted when its
 score at a rung reaches the ``1 - promote`` quantile of the scores seen at that rung so far
-(asynchronous successive halving; the first ``ceil(1 / promote)`` trials are always promoted). A
-stopped candidate is recorded as PRUNED with its partial scores. Only candidates scored on the full
-split count for the best trial and the Pareto front.
+(asynchronous successive halving; the first ``ceil(1 / promote)`` trials are always promoted; the
+quantile is taken when the candidate is submitted). A stopped candidate is recorded as PRUNED with
+its partial scores. Only candidates scored on the full split count for the best trial and the
+Pareto front.
+
+Every rung below the last is scored against the promotion bar known at submission (a lower bound of
+the final bar: :mod:`evomerge.search.bounds`); an evaluator that takes a ``bar`` (the suite
+evaluator) stops scoring as soon as even the best values for every remaining item could not reach
+it, and the candidate is pruned with its rung record marked ``stopped`` (its utility there: the
+lowest it could have had). It would not have been promoted either way.
+
+With ``multi_fidelity.estimator`` the first rung scores anchor items instead of a random subsample
+once enough trials are fully scored, and its scores are the predicted full-split scores
+(:mod:`evomerge.search.estimator`); no bar applies to such a rung (a prediction is not a mean of
+the items scored).
 
 A candidate that fails (exception, non-finite score, out of memory) is recorded as FAIL with the
 reason in ``error``; pycma gets a penalty fitness, Optuna samplers skip failed trials.
@@ -32,11 +44,13 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.errors import RunInterrupted
+from evomerge.fusion.study import candidate_cost
 from evomerge.recipe import Recipe, recipe_hash, recipe_to_yaml
 from evomerge.search import dims as D
+from evomerge.search.bounds import async_bar, bar_payload, promoted, sync_bar, sync_keep
 from evomerge.search.objectives import Objective, objective_values, study_values, utility
-from evomerge.search.study import finished, new_trial, set_user_attrs
-from evomerge.workers import base as _workers  # module, not names: evomerge.workers may be mid-import
+from evomerge.search.study import INTERRUPTED, TrialRecords, finished
+from evomerge.workers.base import CandidateJob, Executor, JobResult
 
 PENALTY = 1e12  # pycma fitness (minimized) of a failed candidate
 POLL = 5.0  # seconds between liveness checks of the executor while waiting for results
@@ -55,20 +69,24 @@ class Candidate:
     state: TrialState = TrialState.RUNNING
     values: dict[str, float] | None = None
     utility: float | None = None
+    bar: float | None = None  # the promotion bar the current rung is judged against (evomerge.search.bounds)
+    fitted: Any = None  # the predictors of its first rung, scored on their anchors (evomerge.search.estimator)
 
 
 class StageRunner:
     """Runs and records the trials of one stage (one Optuna study)."""
 
-    def __init__(self, study: optuna.Study, space, objectives: list[Objective], executor: _workers.Executor,
+    def __init__(self, records: TrialRecords, space, objectives: list[Objective], executor: Executor,
                  rungs: tuple[float, ...], promote: float, stage: str, limit: int | None = None,
-                 on_finish: Callable[[Candidate], None] | None = None):
-        self.study, self.space, self.objectives = study, space, objectives
+                 on_finish: Callable[[Candidate], None] | None = None, estimator=None):
+        self.records, self.study = records, records.study
+        self.estimator = estimator  # the first rung on anchor items (evomerge.search.estimator), or None
+        self.space, self.objectives = space, objectives
         self.executor, self.rungs, self.promote = executor, tuple(rungs), promote
         self.stage, self.limit = stage, limit
         self.dims = space.dims()
         self.dists = D.distributions(self.dims)
-        self.on_finish = on_finish or (lambda c: None)
+        self.on_finish = on_finish or (lambda cand: None)
         self.live: dict[int, Candidate] = {}
 
     # --------------------------------------------------------------------------- trial records
@@ -85,54 +103,88 @@ class StageRunner:
         if recipe is not None:
             attrs.update(recipe=recipe_to_yaml(recipe), recipe_hash=recipe_hash(recipe))
         if trial is None:
-            number = new_trial(self.study, params=params, distributions=self.dists, user_attrs=attrs)
+            number = self.records.new_trial(params=params, distributions=self.dists, user_attrs=attrs)
         else:
             number = trial.number
-            set_user_attrs(self.study, number, attrs)
+            self.records.set_user_attrs(number, attrs)
         cand = Candidate(number, recipe, params, trial=trial)
         self.live[number] = cand
         if error:
             self.fail(cand, error, 0.0, "")
         return cand
 
-    def job(self, cand: Candidate) -> _workers.Job:
-        return _workers.Job((cand.number, cand.rung), cand.recipe, "search", self.rungs[cand.rung], self.limit)
+    def job(self, cand: Candidate) -> CandidateJob:
+        cand.fitted = None
+        if cand.rung == 0 and len(self.rungs) > 1 and self.estimator is not None:
+            cand.fitted = self.estimator.current()
+            if cand.fitted is not None:  # the anchors, and the full score predicted from them
+                return CandidateJob((cand.number, cand.rung), cand.recipe, "search", self.rungs[cand.rung],
+                                    self.limit, items=cand.fitted.anchor_items())
+        bar = None
+        if cand.rung < len(self.rungs) - 1 and cand.bar is not None:
+            try:
+                bar = bar_payload(self.objectives, cand.recipe, cand.bar)
+            except KeyError:  # an objective the bound cannot express: score the whole rung
+                bar = None
+        return CandidateJob((cand.number, cand.rung), cand.recipe, "search", self.rungs[cand.rung], self.limit,
+                            bar=bar)
 
-    def record(self, cand: Candidate, res: _workers.JobResult) -> bool:
+    def record(self, cand: Candidate, res: JobResult) -> bool:
         """Store one rung's result; True when the candidate is finished (failed or last rung)."""
         cand.seconds += res.seconds
         if not res.ok:
             self.fail(cand, res.error, res.seconds, res.worker)
             return True
+        scores, n, estimated = res.outcome.scores, res.outcome.n, None
+        if cand.fitted is not None and cand.rung == 0:  # scored on anchors: the full scores predicted
+            scores, n = cand.fitted.predict(res.outcome.items)
+            estimated = {"method": cand.fitted.method, "reference": cand.fitted.reference,
+                         "anchor_scores": res.outcome.scores}
         try:
-            values = objective_values(self.objectives, res.outcome.scores, cand.recipe)
+            cost = candidate_cost(cand.recipe, res.outcome.cost)  # inference cost relative to one source
+            values = objective_values(self.objectives, scores, cand.recipe, cost)
         except KeyError as err:
             self.fail(cand, f"objective: {err.args[0]}", res.seconds, res.worker)
             return True
         fid = self.rungs[cand.rung]
-        cand.rung_data[repr(fid)] = {"scores": res.outcome.scores, "n": res.outcome.n, "objectives": values,
+        cand.rung_data[repr(fid)] = {"scores": scores, "n": n, "objectives": values,
                                      "utility": utility(self.objectives, values)}
+        if estimated:
+            cand.rung_data[repr(fid)]["estimated"] = estimated
+        stopped = (res.outcome.items or {}).get("stopped")
+        if stopped:  # the bar was out of reach: the rung's utility is at least 'low', below the bar
+            cand.rung_data[repr(fid)].update(utility=stopped["low"], stopped=stopped)
         attrs = {"rungs": cand.rung_data, "worker": res.worker}
         if res.outcome.backend:  # the worker's backend counters when this rung ended (engine starts, reloads)
             attrs["backend"] = res.outcome.backend
+        if stopped:
+            self.records.set_user_attrs(cand.number, attrs)
+            self.prune(cand)
+            return True
         if cand.rung == len(self.rungs) - 1:
             attrs.update(scores=res.outcome.scores, n=res.outcome.n, stderr=res.outcome.stderr,
                          objectives=values, seconds={"eval": cand.seconds, "total": time.time() - cand.started})
-            set_user_attrs(self.study, cand.number, attrs)
+            if res.outcome.items:  # per-item results: paired comparisons, item response models
+                attrs["items"] = res.outcome.items
+                if self.estimator is not None:
+                    self.estimator.add(cand.number, res.outcome.items)
+            if cost:
+                attrs["cost"] = cost
+            self.records.set_user_attrs(cand.number, attrs)
             cand.values, cand.utility = values, utility(self.objectives, values)
             self._tell(cand, TrialState.COMPLETE, study_values(self.objectives, values))
             return True
-        set_user_attrs(self.study, cand.number, attrs)
+        self.records.set_user_attrs(cand.number, attrs)
         return False
 
     def fail(self, cand: Candidate, error: str, seconds: float, worker: str) -> None:
-        set_user_attrs(self.study, cand.number, {"error": error, "worker": worker,
-                                                 "seconds": {"eval": cand.seconds, "total": time.time() - cand.started}})
+        self.records.set_user_attrs(cand.number, {"error": error, "worker": worker,
+                                                  "seconds": {"eval": cand.seconds, "total": time.time() - cand.started}})
         self._tell(cand, TrialState.FAIL, None)
 
     def prune(self, cand: Candidate) -> None:
-        set_user_attrs(self.study, cand.number, {"seconds": {"eval": cand.seconds,
-                                                             "total": time.time() - cand.started}})
+        self.records.set_user_attrs(cand.number, {"seconds": {"eval": cand.seconds,
+                                                              "total": time.time() - cand.started}})
         self._tell(cand, TrialState.PRUNED, None)
 
     def _tell(self, cand: Candidate, state: TrialState, values: list[float] | None) -> None:
@@ -143,10 +195,8 @@ class StageRunner:
 
     def abandon(self) -> None:
         """Mark trials this process left running as interrupted (Ctrl-C); resume retries them."""
-        from evomerge.search.study import INTERRUPTED
-
         for cand in list(self.live.values()):
-            set_user_attrs(self.study, cand.number, {"error": INTERRUPTED, "interrupted": True})
+            self.records.set_user_attrs(cand.number, {"error": INTERRUPTED, "interrupted": True})
             self.study.tell(cand.number, state=TrialState.FAIL)
         self.live.clear()
 
@@ -177,7 +227,7 @@ class StageRunner:
                 except RunInterrupted as err:
                     raise self._interrupted(err) from err
 
-    def _result(self, fut: Future) -> _workers.JobResult:
+    def _result(self, fut: Future) -> JobResult:
         try:
             return fut.result()
         except RunInterrupted as err:
@@ -191,17 +241,19 @@ class StageRunner:
         return RunInterrupted(f"the search stopped: {what}; {n} running trial(s) of stage {self.stage} were "
                               "recorded as interrupted (not failed); the study can be resumed with `evomerge resume`")
 
-    def run_batch(self, cands: list[Candidate]) -> None:
-        """Score candidates at their current rung, at most ``capacity`` at once."""
+    def run_batch(self, cands: list[Candidate], bar: Callable[[], float | None] | None = None) -> None:
+        """Score candidates at their current rung, at most ``capacity`` at once; ``bar()``: the
+        promotion bar known when a candidate is submitted (scoring stops when it is out of reach)."""
         pending = list(cands)
         running: dict[Future, Candidate] = {}
         while pending or running:
             while pending and len(running) < self.executor.capacity:
-                c = pending.pop(0)
-                running[self._submit(c)] = c
+                cand = pending.pop(0)
+                cand.bar = bar() if bar is not None else None
+                running[self._submit(cand)] = cand
             for fut in self._wait(running):
-                c = running.pop(fut)
-                self.record(c, self._result(fut))
+                cand = running.pop(fut)
+                self.record(cand, self._result(fut))
 
     # --------------------------------------------------------------------------- pycma generations
 
@@ -222,28 +274,34 @@ class StageRunner:
             members[idx] = cand
             new.append((idx, cand))
         for rung in range(len(self.rungs)):
-            active = [c for _, c in new if c.state == TrialState.RUNNING and c.rung == rung]
-            self.run_batch(active)
+            active = [cand for _, cand in new if cand.state == TrialState.RUNNING and cand.rung == rung]
+            k = max(1, math.ceil(self.promote * len(xs)))
+            self.run_batch(active, None if rung == len(self.rungs) - 1 else
+                           lambda rung=rung, k=k: sync_bar(self._rung_values(members, rung), k))
             if rung == len(self.rungs) - 1:
                 break
             # synchronous successive halving over the whole population at this rung
-            scored = []
-            for idx, m in members.items():
-                data = m.rung_data if isinstance(m, Candidate) else m.user_attrs.get("rungs", {})
-                u = self.rung_utility(data, rung)
-                if u is not None:
-                    scored.append((u, -idx, idx))
-            keep = {idx for _, _, idx in sorted(scored, reverse=True)[:max(1, math.ceil(self.promote * len(xs)))]}
-            for idx, c in new:
-                if c.state == TrialState.RUNNING:
+            keep = sync_keep(self._rung_values(members, rung, with_index=True), k)
+            for idx, cand in new:
+                if cand.state == TrialState.RUNNING:
                     if idx in keep:
-                        c.rung += 1
+                        cand.rung += 1
                     else:
-                        self.prune(c)
+                        self.prune(cand)
         if len(members) < len(xs):
             return len(new)  # budget reached inside the generation: tell it on resume
         cma.tell(gen, xs, self._fitness(members, len(xs)))
         return len(new)
+
+    def _rung_values(self, members: dict[int, Any], rung: int, with_index: bool = False) -> list:
+        """Rung utilities of the population members scored at ``rung`` (with their indices)."""
+        out = []
+        for idx, m in members.items():
+            data = m.rung_data if isinstance(m, Candidate) else m.user_attrs.get("rungs", {})
+            u = self.rung_utility(data, rung)
+            if u is not None:
+                out.append((u, idx) if with_index else u)
+        return out
 
     def _fitness(self, members: dict[int, Any], n: int) -> list[float]:
         info = []
@@ -272,8 +330,9 @@ class StageRunner:
 
     # --------------------------------------------------------------------------- Optuna samplers
 
-    def promote_async(self, cand: Candidate) -> bool:
-        u = self.rung_utility(cand.rung_data, cand.rung)
+    def async_bar(self, cand: Candidate) -> float | None:
+        """The asynchronous promotion bar of ``cand``'s rung, from the utilities seen there so far
+        (a trial stopped at its bound counts with the lowest utility it could have had)."""
         history = []
         for t in self.study.get_trials(deepcopy=False):
             if t.number == cand.number or t.user_attrs.get("kind", "search") != "search":
@@ -281,11 +340,15 @@ class StageRunner:
             v = self.rung_utility(t.user_attrs.get("rungs", {}), cand.rung)
             if v is not None:
                 history.append(v)
-        if len(history) < math.ceil(1 / self.promote):
-            return True
-        history.sort(reverse=True)
-        k = max(1, math.ceil(self.promote * (len(history) + 1)))
-        return u >= history[min(k, len(history)) - 1]
+        return async_bar(history, self.promote)
+
+    def promote_async(self, cand: Candidate) -> bool:
+        """Whether ``cand`` reached the bar it was submitted against at its rung."""
+        return promoted(self.rung_utility(cand.rung_data, cand.rung), cand.bar)
+
+    def _submit_async(self, cand: Candidate) -> Future:
+        cand.bar = self.async_bar(cand) if cand.rung < len(self.rungs) - 1 else None
+        return self._submit(cand)
 
     def run_async(self, can_start: Callable[[int], bool]) -> None:
         """Ask the study's sampler for a trial whenever a slot frees, until ``can_start`` says stop."""
@@ -295,7 +358,7 @@ class StageRunner:
                 trial = self.study.ask(self.dists)
                 cand = self.create(dict(trial.params), {}, trial=trial)
                 if cand.state == TrialState.RUNNING:
-                    running[self._submit(cand)] = cand
+                    running[self._submit_async(cand)] = cand
             if not running:
                 return
             for fut in self._wait(running):
@@ -304,6 +367,6 @@ class StageRunner:
                     continue
                 if self.promote_async(cand):
                     cand.rung += 1
-                    running[self._submit(cand)] = cand
+                    running[self._submit_async(cand)] = cand
                 else:
                     self.prune(cand)

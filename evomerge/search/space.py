@@ -11,6 +11,7 @@ A search space file::
       sources: [evals/zoo/a, {name: b, model: evals/zoo/b}]
       method: ties                   # or a list: a categorical choice among methods
       granularity: 2                 # layers per group; must divide the layer count (default: all)
+      control_points: 3              # or: float values at 3 points, interpolated across layers
       modules: [self_attn, mlp]      # optional: separate values per module filter (+ "other")
       params:                        # override the registry: {low, high} bounds, or a fixed value
         weight: {low: 0.0, high: 1.0}
@@ -31,9 +32,10 @@ A search space file::
       - {cost: layers}               # params | layers (minimize by default); optional weight: w
     optimizer: {name: pycma, popsize: 8, sigma0: 0.25, options: {}}  # or tpe, cmaes, nsgaii, ...
     evaluation: {kind: suite, suite: evals/zoo_demo.yaml}           # given to the evaluator factory
-    multi_fidelity: {enabled: auto, rungs: [0.25, 1.0], promote: 0.5}
+    multi_fidelity: {enabled: auto, rungs: [0.25, 1.0], promote: 0.5}   # estimator: anchors | irt, anchors: 24
     budget: {trials: 64, timeout: 10m}
     baselines: true                  # first score each source alone and the untuned default
+    selection: {top_k: 5}            # re-scored on the validation sample to name the winner
 
 Model references resolve like recipe references: relative paths against the current directory
 (``base_dirs`` of :func:`load_space` changes that), and so do the file paths of the ``evaluation:``
@@ -41,14 +43,16 @@ mapping (``suite``, ``cache_dir``, ``target``: see :func:`evomerge.evaluate.eval
 The normalized mapping (``SearchSpace.data``, what a study folder's ``space.yaml`` holds) has every
 one of them absolute, so a study works from any directory.
 
-The sections' parsers are in :mod:`evomerge.search.space_sections`, path resolution in
+The file's format (every key, type, range and default) is the model in
+:mod:`evomerge.search.space_file`; what the sections mean beyond their format (the method registry,
+the models' headers) is checked in :mod:`evomerge.search.space_sections`, path resolution is in
 :mod:`evomerge.search.paths`; what a run checks beyond the file (the evaluator, the sampler, the
 sources' compatibility) is in :mod:`evomerge.search.checks` (the ``checks`` hook of :func:`load_space`).
+Every problem names the file, the key and, for a file, the key's line.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -58,17 +62,12 @@ from evomerge.search.dfs import DFSSpace
 from evomerge.search.objectives import ModelSize, Objective, model_size
 from evomerge.search.paths import PS_WINNER, resolve_evaluation
 from evomerge.search.ps import PSSpace
-from evomerge.search.space_sections import Checker, parse_dfs, parse_objectives, parse_ps
+from evomerge.search.space_file import KINDS, OPTUNA_SAMPLERS, PYCMA, SpaceFile, parse_duration
+from evomerge.search.space_sections import Findings, parse_dfs, parse_objectives, parse_ps
+from evomerge.strict import Lines, locate, validate_all
 
-KINDS = ("ps", "dfs", "ps_dfs")
-PYCMA = ("pycma", "cma")
-OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsgaii", "nsgaiii", "gp", "random")
-
-_TOP = {"name", "description", "kind", "seed", "dtype", "ps", "dfs", "objectives", "optimizer",
-        "evaluation", "multi_fidelity", "budget", "baselines"}
-_OPT = {"name", "popsize", "sigma0", "seed", "options"}
-_MF = {"enabled", "rungs", "promote"}
-_BUDGET = {"trials", "timeout"}
+__all__ = ["KINDS", "OPTUNA_SAMPLERS", "PYCMA", "FidelityConfig", "OptimizerConfig", "SearchSpace", "SpaceParts",
+           "SpaceSummary", "load_space", "load_space_summary", "parse_duration", "parse_space"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,9 @@ class FidelityConfig:
     rungs: tuple[float, ...] = (0.25, 1.0)
     promote: float = 0.5
     auto_min_items: int = 400  # "auto" turns on at this many search items in all
+    estimator: str | None = None  # "anchors" | "irt": the first rung predicts from anchors (evomerge.search.estimator)
+    anchors: int = 24
+    reference: int = 16
 
 
 @dataclass(frozen=True)
@@ -109,44 +111,13 @@ class SearchSpace:
     seed: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # the normalized mapping (paths resolved)
     source: str = "<search space>"
+    selection: Any = None  # the ``selection:`` section (top_k); None: the defaults
 
     def stages(self) -> list[str]:
         return ["ps", "dfs"] if self.kind == "ps_dfs" else [self.kind]
 
     def stage_space(self, stage: str) -> PSSpace | DFSSpace:
         return self.ps if stage == "ps" else self.dfs
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """Seconds of ``"8h"``, ``"1h30m"``, ``"90s"``, ``"10m"`` or a number of seconds."""
-    if text is None or isinstance(text, (int, float)) and not isinstance(text, bool):
-        return None if text is None else float(text)
-    s = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", s)
-    if not parts or "".join(a + b for a, b in parts) != s.replace(" ", ""):
-        raise ConfigError(Problem("timeout", f"cannot read the duration {text!r}",
-                                  "write it like 8h, 1h30m, 45m, 90s or a number of seconds"))
-    unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    return sum(float(a) * unit[b] for a, b in parts)
-
-
-def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size,
-               base_dirs: list[Path] | None = None,
-               checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
-    """Read and validate a search space YAML file (models are opened, headers only).
-
-    ``base_dirs``: where relative paths are looked for, in order (default: the current directory).
-    ``checks``: further checks (the evaluator, the sampler, the sources' tensors) whose problems
-    are reported together with the file's own."""
-    from evomerge.io_utils import load_yaml_file
-
-    path = Path(path)
-    data = load_yaml_file(path, "search space file")
-    if isinstance(data, dict):
-        data.setdefault("name", path.stem)
-    return parse_space(data, source=str(path), sizes=sizes, base_dirs=base_dirs, checks=checks)
 
 
 @dataclass(frozen=True)
@@ -182,159 +153,149 @@ class SpaceSummary:
     source: str
 
 
-def load_space_summary(path: str | Path, *, base_dirs: list[Path] | None = None) -> SpaceSummary:
-    """Name, kind, objectives and evaluation of a search space file, checked, without opening models
-    (``status``, ``report`` and ``export`` work while a source model is missing or moved)."""
-    from evomerge.io_utils import load_yaml_file
+def load_space(path: str | Path, *, sizes: Callable[[str], ModelSize] = model_size,
+               base_dirs: list[Path] | None = None,
+               checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
+    """Read and validate a search space YAML file (models are opened, headers only).
+
+    ``base_dirs``: where relative paths are looked for, in order (default: the current directory).
+    ``checks``: further checks (the evaluator, the sampler, the sources' tensors) whose problems
+    are reported together with the file's own."""
+    data, lines, source = _read(path)
+    return parse_space(data, source=source, sizes=sizes, base_dirs=base_dirs, checks=checks, lines=lines)
+
+
+def _read(path: str | Path) -> tuple[Any, Lines, str]:
+    from evomerge.io_utils import load_yaml_document
 
     path = Path(path)
-    data = load_yaml_file(path, "search space file")
-    source = str(path)
+    data, lines, _ = load_yaml_document(path, "search space file")
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return data, lines, str(path)
+
+
+def _validated(data: Any, source: str) -> tuple[SpaceFile | None, list[Problem]]:
     if not isinstance(data, dict):
         raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
                           source=source)
-    c = Checker(source)
-    objectives = parse_objectives(c, data.get("objectives"))
-    evaluation = data.get("evaluation")
+    return validate_all(SpaceFile, data, source=source)
+
+
+def load_space_summary(path: str | Path, *, base_dirs: list[Path] | None = None) -> SpaceSummary:
+    """Name, kind, objectives and evaluation of a search space file, checked, without opening models
+    (``status``, ``report`` and ``export`` work while a source model is missing or moved)."""
+    data, lines, source = _read(path)
+    model, problems = _validated(data, source)
+    found = Findings(source, base_dirs, problems)
+    objectives = parse_objectives(found, model.objectives) if model is not None else []
+    evaluation = _evaluation(found, data.get("evaluation"), base_dirs)
+    if found.problems:
+        raise ConfigError(locate(found.problems, source, lines), source=source)
+    return SpaceSummary(name=model.name, kind=model.kind, objectives=tuple(objectives),
+                        evaluation=evaluation or {}, source=source)
+
+
+def _evaluation(found: Findings, evaluation: Any, base_dirs: list[Path] | None) -> dict[str, Any] | None:
+    """The ``evaluation:`` mapping with its paths resolved (None when it is not one); the evaluator
+    checks its own keys (see :mod:`evomerge.search.checks`)."""
     if not isinstance(evaluation, dict):
-        c.add("evaluation", f"expected a mapping, got {evaluation!r}")
-        evaluation = {}
-    if c.problems:
-        raise ConfigError(c.problems, source=source)
-    return SpaceSummary(name=str(data.get("name") or path.stem), kind=str(data.get("kind", "ps")),
-                        objectives=tuple(objectives), evaluation=resolve_evaluation(evaluation, base_dirs),
-                        source=source)
+        found.add("evaluation", f"expected a mapping (e.g. {{kind: suite, suite: path}}), got {evaluation!r}",
+                  "say how candidates are scored: {kind: suite, suite: evals/zoo_demo.yaml}")
+        return None
+    if not isinstance(evaluation.get("kind", ""), str):
+        found.add("evaluation.kind", f"expected an evaluator kind name, got {evaluation['kind']!r}",
+                  "e.g. kind: suite")
+        return None
+    return resolve_evaluation(evaluation, base_dirs)
 
 
 def parse_space(data: Any, *, source: str = "<search space>",
                 sizes: Callable[[str], ModelSize] = model_size, base_dirs: list[Path] | None = None,
-                checks: Callable[[SpaceParts], list[Problem]] | None = None) -> SearchSpace:
+                checks: Callable[[SpaceParts], list[Problem]] | None = None,
+                lines: Lines | None = None) -> SearchSpace:
     """Validate a search-space mapping; raises :class:`ConfigError` listing every problem (those of
-    the ``checks`` hook, when given, included: see :func:`load_space`)."""
-    c = Checker(source, base_dirs)
-    if not isinstance(data, dict):
-        raise ConfigError(Problem(source, f"a search space must be a mapping, got {type(data).__name__}"),
-                          source=source)
-    data = dict(data)
-    c.mapping(data, "", _TOP)
-    name_ = data.get("name", "study")
-    if isinstance(name_, (int, float)) and not isinstance(name_, bool):
-        name_ = str(name_)
-    if not isinstance(name_, str) or not name_.strip() or "/" in name_ or "\\" in name_ or name_ in (".", ".."):
-        c.add("name", f"expected a study name without '/' (it names the Optuna study and the default "
-              f"folder results/<name>), got {name_!r}", "e.g. name: my-search")
-        name_ = "study"
-    data["name"] = name_
-    kind = data.get("kind", "ps")
-    if not isinstance(kind, str) or kind not in KINDS:
-        c.add("kind", f"unknown kind {kind!r}", f"use one of {', '.join(KINDS)}")
-        kind = str(kind)
-    seed = c.integer(data.get("seed", 0), "seed") or 0
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-        c.add("dtype", f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
-    objectives = parse_objectives(c, data.get("objectives"))
-    opt = c.mapping(data.get("optimizer", {}), "optimizer", _OPT)
-    name = str(opt.get("name", "pycma")).lower()
-    if name not in PYCMA + OPTUNA_SAMPLERS:
-        c.add("optimizer.name", f"unknown optimizer {name!r}", f"use one of {', '.join(PYCMA + OPTUNA_SAMPLERS)}")
-    sigma0 = c.number(opt.get("sigma0", 0.25), "optimizer.sigma0") or 0.25
-    if not 0 < sigma0 <= 1:
-        c.add("optimizer.sigma0", f"sigma0 {sigma0} is outside (0, 1]",
-              "sigma0 is in unit-cube coordinates (every dimension scaled to [0, 1])")
-    options = opt.get("options") or {}
-    if not isinstance(options, dict):
-        c.add("optimizer.options", f"expected a mapping, got {options!r}")
-        options = {}
-    optimizer = OptimizerConfig(name=name, popsize=c.integer(opt.get("popsize"), "optimizer.popsize", low=2),
-                                sigma0=sigma0, seed=c.integer(opt.get("seed", seed), "optimizer.seed") or 0,
-                                options=dict(options))
-    multi = len(objectives) > 1 and not all(o.weight is not None for o in objectives)
-    if multi and optimizer.is_pycma:
-        c.add("optimizer.name", "pycma CMA-ES optimizes one value; got several unweighted objectives",
-              "set `weight:` on every objective, or use nsgaii / tpe for a Pareto front")
-    if multi and name == "cmaes":
-        c.add("optimizer.name", "Optuna's CmaEsSampler does not support multi-objective studies",
-              "use nsgaii, nsgaiii, tpe or gp, or set `weight:` on every objective")
-    mf = c.mapping(data.get("multi_fidelity", {}), "multi_fidelity", _MF)
-    enabled = mf.get("enabled", "auto")
-    if enabled not in (True, False, "auto"):
-        c.add("multi_fidelity.enabled", f"expected true, false or auto, got {enabled!r}")
-    rungs = mf.get("rungs", [0.25, 1.0])
-    if (not isinstance(rungs, list) or not rungs or any(isinstance(r, bool) or not isinstance(r, (int, float))
-                                                         for r in rungs)
-            or any(not 0 < r <= 1 for r in rungs) or sorted(set(rungs)) != list(rungs) or rungs[-1] != 1):
-        c.add("multi_fidelity.rungs", f"expected increasing fractions in (0, 1] ending with 1, got {rungs!r}")
-        rungs = [1.0]
-    promote = c.number(mf.get("promote", 0.5), "multi_fidelity.promote") or 0.5
-    if not 0 < promote <= 1:
-        c.add("multi_fidelity.promote", f"expected a fraction in (0, 1], got {promote}")
-    fidelity = FidelityConfig(enabled=enabled, rungs=tuple(float(r) for r in rungs), promote=promote)
-    budget = c.mapping(data.get("budget", {}), "budget", _BUDGET)
-    trials = c.integer(budget.get("trials"), "budget.trials", low=1)
-    try:
-        timeout = parse_duration(budget.get("timeout"))
-    except ConfigError as err:
-        c.add("budget.timeout", err.problems[0].message, err.problems[0].hint)
-        timeout = None
-    if timeout is not None and not timeout > 0:
-        c.add("budget.timeout", f"expected a positive duration, got {budget.get('timeout')!r}",
-              "e.g. 8h, 45m; leave it out for no time limit")
-        timeout = None
-    evaluation = data.get("evaluation")
-    evaluation_ok = isinstance(evaluation, dict)
-    if not evaluation_ok:
-        c.add("evaluation", f"expected a mapping (e.g. {{kind: suite, suite: path}}), got {evaluation!r}")
-        evaluation = {}
-    elif not isinstance(evaluation.get("kind", ""), str):
-        c.add("evaluation.kind", f"expected an evaluator kind name, got {evaluation['kind']!r}")
-        evaluation_ok = False
-    else:
-        evaluation = resolve_evaluation(evaluation, base_dirs)
-    baselines = data.get("baselines", True)
-    if not isinstance(baselines, bool):
-        c.add("baselines", f"expected true or false, got {baselines!r}")
+    the ``checks`` hook, when given, included: see :func:`load_space`). ``lines``: where each key
+    is in the file (see :func:`evomerge.io_utils.yaml_key_lines`), to name the lines."""
+    model, problems = _validated(data, source)
+    if model is None:
+        raise ConfigError(locate(problems, source, lines), source=source)
+    found = Findings(source, base_dirs, problems)
+    broken = [p.where[len(source) + 2:] for p in problems]
+
+    def intact(key: str) -> bool:
+        """No problem of the file's format at ``key``, inside it or around it."""
+        return not any(b == key or b.startswith(key + ".") or b.startswith(key + "[") or key.startswith(b + ".")
+                       for b in broken)
+
+    kind, seed, dtype = model.kind, model.seed, model.dtype
+    objectives = parse_objectives(found, model.objectives) if intact("objectives") else []
+    opt = model.optimizer
+    optimizer = OptimizerConfig(name=opt.name, popsize=opt.popsize, sigma0=float(opt.sigma0),
+                                seed=opt.seed if opt.seed is not None else seed, options=dict(opt.options))
+    if intact("optimizer.name"):
+        multi = _several_unweighted(data.get("objectives"))
+        if multi and optimizer.is_pycma:
+            found.add("optimizer.name", "pycma CMA-ES optimizes one value; got several unweighted objectives",
+                      "set `weight:` on every objective, or use nsgaii / tpe for a Pareto front")
+        if multi and optimizer.name == "cmaes":
+            found.add("optimizer.name", "Optuna's CmaEsSampler does not support multi-objective studies",
+                      "use nsgaii, nsgaiii, tpe or gp, or set `weight:` on every objective")
+    mf = model.multi_fidelity
+    fidelity = FidelityConfig(enabled=mf.enabled, rungs=tuple(mf.rungs), promote=mf.promote, estimator=mf.estimator,
+                              anchors=mf.anchors, reference=mf.reference)
+    evaluation = _evaluation(found, data.get("evaluation"), base_dirs)
     ps = dfs = None
-    stage_trials = {}
-    if kind in ("ps", "ps_dfs"):
-        if not isinstance(data.get("ps"), dict):
-            c.add("ps", f"kind {kind} needs a `ps:` section")
-        else:
-            ps, sizes_ps = parse_ps(c, data["ps"], seed, dtype, sizes)
-            if data["ps"].get("trials") is not None:
-                stage_trials["ps"] = c.integer(data["ps"]["trials"], "ps.trials", low=1) or 1
-    if kind in ("dfs", "ps_dfs"):
-        if not isinstance(data.get("dfs"), dict):
-            c.add("dfs", f"kind {kind} needs a `dfs:` section")
-        else:
-            ps_size = None
-            if kind == "ps_dfs" and ps is not None:
-                ps_size = sizes_ps[-1]
-            elif kind == "ps_dfs":
-                ps_size = ModelSize(PS_WINNER, "?", 1, (0,), 0)  # PS section invalid: check the rest
-            dfs = parse_dfs(c, data["dfs"], dtype, sizes, ps_size)
-            if data["dfs"].get("trials") is not None:
-                stage_trials["dfs"] = c.integer(data["dfs"]["trials"], "dfs.trials", low=1) or 1
-    for other in ({"ps", "dfs"} - set(kind.split("_"))) if kind in KINDS else ():
-        if other in data:
-            c.add(other, f"a `{other}:` section is not used by kind {kind}", "remove it or change kind")
+    stage_trials: dict[str, int] = {}
+    uses = set(kind.split("_")) if intact("kind") else set()
+    for section in ("ps", "dfs"):
+        if section in uses and data.get(section) is None:
+            found.add(section, f"kind {kind} needs a `{section}:` section")
+        elif section not in uses and section in data and intact("kind"):
+            found.add(section, f"a `{section}:` section is not used by kind {kind}", "remove it or change kind")
+    ps_sizes: list[ModelSize] = []
+    if "ps" in uses and model.ps is not None:
+        ps, ps_sizes = parse_ps(found, model.ps, seed, dtype if intact("dtype") else None, sizes)
+        if model.ps.trials is not None:
+            stage_trials["ps"] = model.ps.trials
+    if "dfs" in uses and model.dfs is not None:
+        ps_size = None
+        if kind == "ps_dfs":  # the PS winner has the sources' shape (PS section invalid: check the rest)
+            ps_size = ps_sizes[-1] if ps is not None else ModelSize(PS_WINNER, "?", 1, (0,), 0)
+        dfs = parse_dfs(found, model.dfs, dtype if intact("dtype") else None, sizes, ps_size)
+        if model.dfs.trials is not None:
+            stage_trials["dfs"] = model.dfs.trials
     if checks is not None:
         parts = SpaceParts(source=source, kind=kind, objectives=list(objectives), optimizer=optimizer,
-                           evaluation=evaluation if evaluation_ok else None, ps=ps, dfs=dfs,
-                           complete=not c.problems)
-        c.problems += checks(parts)
-    if c.problems:
-        raise ConfigError(c.problems, source=source)
-    normalized = dict(data)
-    normalized["evaluation"] = dict(evaluation)
-    for sec, space, key in (("ps", ps, "sources"), ("dfs", dfs, "models")):
-        if space is not None:
-            section = dict(normalized[sec])
-            section[key] = [{"name": n, "model": r} for n, r in (space.sources if sec == "ps" else space.models)]
-            if sec == "ps" and space.base:
-                section["base"] = space.base
-            normalized[sec] = section
-    return SearchSpace(name=name_, kind=kind, objectives=tuple(objectives),
-                       optimizer=optimizer, evaluation=dict(evaluation), ps=ps, dfs=dfs,
-                       multi_fidelity=fidelity, trials=trials, timeout=timeout, stage_trials=stage_trials,
-                       baselines=bool(baselines), seed=seed, data=normalized, source=source)
+                           evaluation=evaluation, ps=ps, dfs=dfs, complete=not found.problems)
+        found.problems += checks(parts)
+    if found.problems:
+        raise ConfigError(locate(found.problems, source, lines), source=source)
+    return SearchSpace(name=model.name, kind=kind, objectives=tuple(objectives), optimizer=optimizer,
+                       evaluation=dict(evaluation), ps=ps, dfs=dfs, multi_fidelity=fidelity,
+                       trials=model.budget.trials, timeout=model.budget.timeout, stage_trials=stage_trials,
+                       baselines=model.baselines, seed=seed, data=_normalized(data, model.name, evaluation, ps, dfs),
+                       source=source, selection=model.selection)
+
+
+def _several_unweighted(objectives: Any) -> bool:
+    """Whether the ``objectives:`` list (as written: an entry may be invalid) has several objectives
+    not all weighted (a Pareto front, not one scalar)."""
+    if not isinstance(objectives, list) or len(objectives) < 2:
+        return False
+    return not all(isinstance(o, dict) and o.get("weight") is not None for o in objectives)
+
+
+def _normalized(data: dict[str, Any], name: str, evaluation: dict[str, Any], ps: PSSpace | None,
+                dfs: DFSSpace | None) -> dict[str, Any]:
+    """The file's mapping with its name set and every path absolute (a study's ``space.yaml``)."""
+    out = dict(data)
+    out["name"] = name
+    out["evaluation"] = dict(evaluation)
+    if ps is not None:
+        out["ps"] = {**out["ps"], "sources": [{"name": n, "model": r} for n, r in ps.sources]}
+        if ps.base:
+            out["ps"]["base"] = ps.base
+    if dfs is not None:
+        out["dfs"] = {**out["dfs"], "models": [{"name": n, "model": r} for n, r in dfs.models]}
+    return out

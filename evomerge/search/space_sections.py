@@ -1,302 +1,247 @@
-"""The parsers of a search space file's sections (``ps:``, ``dfs:``, ``objectives:``) and the
-:class:`Checker` that collects their problems, for :func:`evomerge.search.space.parse_space`.
+"""What a search space's sections mean beyond their format: the ``ps:`` section against the method
+registry and the models' headers, the ``dfs:`` section against its models' layers, and the
+objectives as :class:`~evomerge.search.objectives.Objective` s, for
+:func:`evomerge.search.space.parse_space`.
 
-Each parser adds every problem it finds to the checker (located as ``<file>: <section.key>``) and
-returns what it could build (None when the section is invalid), so that a file's problems are
-reported at once. Model references are made absolute (:func:`~evomerge.search.paths.resolve_ref`)
-and their headers read through ``sizes`` (no weights are read).
+Each builder takes a section already validated by :mod:`evomerge.search.space_file`, adds every
+problem it finds to a :class:`Findings` (located as ``<file>: <section.key>``) and returns what it
+could build (None when the section is unusable), so that a file's problems are reported at once.
+Model references are made absolute (:func:`~evomerge.search.paths.resolve_ref`) and their headers
+read through ``sizes`` (no weights are read).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from evomerge.errors import ConfigError, EvomergeError, Problem
 from evomerge.search.dfs import DFSSpace
-from evomerge.search.objectives import COSTS, ModelSize, Objective
-from evomerge.search.paths import PS_WINNER, resolve_ref
+from evomerge.search.objectives import ModelSize, Objective
+from evomerge.search.paths import PS_WINNER, resolve_path, resolve_ref
 from evomerge.search.ps import ParamChoice, PSSpace
-
-_PS = {"base", "sources", "method", "granularity", "modules", "params", "trials"}
-_DFS = {"models", "repeats", "embed", "head", "scale", "first_layers", "last_layers", "max_depth", "trials"}
-_OBJ = {"metric", "cost", "direction", "weight"}
+from evomerge.search.space_file import Bounds, DFSSection, ObjectiveEntry, PSSection, named_models
+from evomerge.source_count import source_count_problem
 
 
-class Checker:
-    def __init__(self, source: str, base_dirs: list[Path] | None = None):
+class Findings:
+    """The problems of one file, each located at ``<source>: <key>``."""
+
+    def __init__(self, source: str, base_dirs: list[Path] | None = None, problems: list[Problem] | None = None):
         self.source = source
         self.base_dirs = base_dirs
-        self.problems: list[Problem] = []
+        self.problems: list[Problem] = list(problems or [])
 
-    def add(self, where: str, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(f"{self.source}: {where}", message, hint))
-
-    def mapping(self, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.add(where, f"expected a mapping, got {value!r}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.add(f"{where}.{key}" if where else str(key), f"unknown key '{key}'",
-                         f"allowed keys here: {', '.join(sorted(allowed))}")
-        return value
-
-    def integer(self, value: Any, where: str, low: int = 0) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            self.add(where, f"expected an integer >= {low}, got {value!r}")
-            return None
-        return value
-
-    def number(self, value: Any, where: str) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.add(where, f"expected a number, got {value!r}")
-            return None
-        return float(value)
+    def add(self, key: str, message: str, hint: str | None = None) -> None:
+        self.problems.append(Problem(f"{self.source}: {key}", message, hint))
 
 
-def _named_models(c: Checker, items: Any, where: str) -> list[tuple[str, str]]:
-    if not isinstance(items, list) or not items:
-        c.add(where, f"expected a non-empty list of models, got {items!r}",
-              "list model paths, or {name, model} mappings")
-        return []
-    out: list[tuple[str, str]] = []
-    for i, it in enumerate(items):
-        if isinstance(it, str):
-            name, ref = (Path(it).name or it).replace(".", "_"), it
-        elif isinstance(it, dict):
-            c.mapping(it, f"{where}[{i}]", {"name", "model"})
-            ref = it.get("model")
-            name = str(it.get("name") or (Path(str(ref)).name if ref else f"m{i}"))
-            if not isinstance(ref, str):
-                c.add(f"{where}[{i}].model", "required key 'model' (a path or hub id) is missing")
-                continue
-        else:
-            c.add(f"{where}[{i}]", f"expected a model path or {{name, model}}, got {it!r}")
-            continue
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-            c.add(f"{where}[{i}].name", f"model name {name!r} may only use letters, digits, _ and -",
-                  "set `name:` explicitly")
-        out.append((name, resolve_ref(ref, c.base_dirs)))
-    names = [n for n, _ in out]
-    for n in sorted({n for n in names if names.count(n) > 1}):
-        c.add(where, f"model name '{n}' is used twice", "give the models distinct `name:` values")
-    return out
+def _resolved(found: Findings, entries) -> list[tuple[str, str]]:
+    return [(name, resolve_ref(ref, found.base_dirs)) for name, ref in named_models(entries)]
 
 
-def _sizes(c: Checker, refs: list[str], where: str, sizes: Callable[[str], ModelSize],
-           extra: dict[str, ModelSize] | None = None) -> list[ModelSize] | None:
+def _sizes(found: Findings, refs: list[str], key: str, sizes: Callable[[str], ModelSize],
+           known: dict[str, ModelSize] | None = None) -> list[ModelSize] | None:
+    """Every model's size (None when one cannot be opened, or they differ in architecture)."""
     out = []
     failed = False
     for ref in refs:
-        if extra and ref in extra:
-            out.append(extra[ref])
+        if known and ref in known:
+            out.append(known[ref])
             continue
         try:
             out.append(sizes(ref))
         except EvomergeError as err:  # every model that cannot be opened, not just the first
             rel = not Path(ref).expanduser().is_absolute() and not Path(ref).expanduser().exists()
-            c.add(where, f"cannot open model {ref}: {err}",
-                  f"relative model paths are read from the current directory, {Path.cwd()}" if rel else None)
+            found.add(key, f"cannot open model {ref}: {err}",
+                      f"relative model paths are read from the current directory, {Path.cwd()}" if rel else None)
             failed = True
     if failed:
         return None
     types = {s.model_type for s in out}
     if len(types) > 1:
         listing = ", ".join(f"{s.ref} ({s.model_type})" for s in out)
-        c.add(where, f"sources of different architectures: {listing}",
-              "merge only models of one architecture (the same model_type)")
+        found.add(key, f"sources of different architectures: {listing}",
+                  "merge only models of one architecture (the same model_type)")
         return None
     return out
 
 
-def parse_ps(c: Checker, raw: dict, seed: int, dtype: str | None, sizes) -> tuple[PSSpace | None, list[ModelSize]]:
+# ------------------------------------------------------------------------------------------ ps
+
+
+def parse_ps(found: Findings, section: PSSection, seed: int, dtype: str | None,
+             sizes: Callable[[str], ModelSize]) -> tuple[PSSpace | None, list[ModelSize]]:
+    """The PS space of a valid ``ps:`` section, and the sizes of its base and sources."""
     from evomerge.methods import get_method
 
-    raw = c.mapping(raw, "ps", _PS)
-    sources = _named_models(c, raw.get("sources"), "ps.sources")
-    base = resolve_ref(raw["base"], c.base_dirs) if isinstance(raw.get("base"), str) else None
-    if raw.get("base") is not None and base is None:
-        c.add("ps.base", f"expected a model path, got {raw['base']!r}")
-    methods_raw = raw.get("method", "ties")
-    methods_raw = methods_raw if isinstance(methods_raw, list) else [methods_raw]
+    sources = _resolved(found, section.sources)
+    base = resolve_ref(section.base, found.base_dirs) if section.base is not None else None
     specs = []
-    for i, m in enumerate(methods_raw):
+    for method in section.methods:
         try:
-            specs.append(get_method(str(m), where=f"{c.source}: ps.method"))
+            specs.append(get_method(method, where=f"{found.source}: ps.method"))
         except ConfigError as err:
-            c.problems += err.problems
-    declared = {}
-    for s in specs:
-        for p in s.params:
-            declared.setdefault(p.name, []).append(p)
-        if s.needs_base and base is None:
-            c.add("ps.base", f"method '{s.name}' needs a base model", "add `base: <path>` under ps")
-        n = len(sources)
-        if n and (n < s.min_sources or s.max_sources is not None and n > s.max_sources):
-            c.add("ps.sources", f"method '{s.name}' takes {s.min_sources}..{s.max_sources or 'any'} "
-                  f"sources, got {n}")
-    choices: dict[str, ParamChoice] = {}
-    user = c.mapping(raw.get("params"), "ps.params", set(declared) | set(raw.get("params") or {}))
-    for name, val in user.items():
-        where = f"ps.params.{name}"
-        if name not in declared:
-            known = ", ".join(sorted(declared)) or "none"
-            c.add(where, f"unknown parameter '{name}' for method(s) {', '.join(s.name for s in specs)}",
-                  f"known parameters: {known}")
-            continue
-        p = declared[name][0]
-        if isinstance(val, dict):
-            c.mapping(val, where, {"low", "high"})
-            lo, hi = val.get("low", p.search_low), val.get("high", p.search_high)
-            if lo is None or hi is None:
-                c.add(where, f"'{name}' has no default search bounds", "set both low and high")
-                continue
-            lo, hi = c.number(lo, f"{where}.low"), c.number(hi, f"{where}.high")
-            if lo is None or hi is None:
-                continue
-            if lo > hi:
-                c.add(where, f"bounds reversed: low {lo} > high {hi}", "swap them")
-            for q in declared[name]:
-                for b, label in ((lo, "low"), (hi, "high")):
-                    for prob in q.check(int(b) if q.kind == "int" else b, f"{c.source}: {where}.{label}"):
-                        c.problems.append(prob)
-            choices[name] = ParamChoice("search", lo, hi)
-        else:
-            for q in declared[name]:
-                c.problems += q.check(val, f"{c.source}: {where}")
-            choices[name] = ParamChoice("fixed", value=val)
-    for name, ps_ in declared.items():
-        if name in choices:
-            continue
-        p = ps_[0]
-        if p.searchable and p.search_low is not None and p.search_high is not None:
-            lo = min(q.search_low for q in ps_ if q.search_low is not None)
-            hi = max(q.search_high for q in ps_ if q.search_high is not None)
-            choices[name] = ParamChoice("search", lo, hi)
-        elif p.required:
-            c.add(f"ps.params.{name}", f"required parameter '{name}' is neither searched nor fixed",
-                  f"set `{name}: <value>` or `{name}: {{low: .., high: ..}}`")
-        else:
-            choices[name] = ParamChoice("default")
-    for name, ps_ in declared.items():
-        scopes = {q.scope for q in ps_}
-        if len(scopes) > 1 and name in choices and choices[name].mode == "search":
-            owners = ", ".join(f"{s.name} ({q.scope})" for s in specs for q in s.params if q.name == name)
-            c.add(f"ps.params.{name}", f"'{name}' is per source in some methods and global in others "
-                  f"({owners}); one search dimension cannot serve both",
-                  f"fix `{name}: <value>`, or search these methods in separate spaces")
-    modules = raw.get("modules") or []
-    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        c.add("ps.modules", f"expected a list of tensor-name filters, got {modules!r}",
-              "e.g. [self_attn, mlp]")
-        modules = []
-    gran = c.integer(raw.get("granularity"), "ps.granularity", low=1)
-    msizes = _sizes(c, ([base] if base else []) + [r for _, r in sources], "ps.sources", sizes) \
-        if sources else None
+            found.problems += err.problems
+    declared: dict = {}
+    for spec in specs:
+        for param in spec.params:
+            declared.setdefault(param.name, []).append(param)
+        if spec.needs_base and base is None:
+            found.add("ps.base", f"method '{spec.name}' needs a base model", "add `base: <path>` under ps")
+        wrong_count = source_count_problem(spec, len(sources))
+        if wrong_count:
+            found.add("ps.sources", wrong_count, "list the number of sources the method takes")
+    choices = _param_choices(found, section, specs, declared)
+    gran = section.granularity
+    msizes = _sizes(found, ([base] if base else []) + [ref for _, ref in sources], "ps.sources", sizes)
     if not msizes or not specs:
         return None, msizes or []
     layers = {s.num_layers for s in msizes}
     if len(layers) > 1:
-        c.add("ps.sources", f"sources have different layer counts {sorted(layers)}",
-              "a parameter-space merge needs models with the same layers")
+        found.add("ps.sources", f"sources have different layer counts {sorted(layers)}",
+                  "a parameter-space merge needs models with the same layers")
         return None, msizes
     n = layers.pop()
+    if section.control_points and gran not in (None, n):
+        found.add("ps.control_points", "control_points and granularity both set the layer-wise values",
+                  "keep one: control_points (interpolated) or granularity (piecewise constant)")
+        return None, msizes
     gran = gran or n
     if n % gran:
         divisors = [d for d in range(1, n + 1) if n % d == 0]
-        c.add("ps.granularity", f"granularity {gran} does not divide the layer count {n}",
-              f"use one of {divisors}")
+        found.add("ps.granularity", f"granularity {gran} does not divide the layer count {n}", f"use one of {divisors}")
         return None, msizes
     space = PSSpace(sources=tuple(sources), base=base, methods=tuple(s.name for s in specs), num_layers=n,
-                    granularity=gran, modules=tuple(modules), params=choices, dtype=dtype, seed=seed)
+                    granularity=gran, modules=tuple(section.modules), params=choices, dtype=dtype, seed=seed,
+                    control_points=section.control_points,
+                    calibration=_calibration(found, section, specs))
     return space, msizes
 
 
-def parse_dfs(c: Checker, raw: dict, dtype: str | None, sizes, ps_size: ModelSize | None) -> DFSSpace | None:
-    raw = c.mapping(raw, "dfs", _DFS)
-    models = _named_models(c, raw.get("models"), "dfs.models")
-    if any(ref == PS_WINNER for _, ref in models) and ps_size is None:
-        c.add("dfs.models", "'@ps' (the PS winner) is only allowed in a kind: ps_dfs space")
+def _calibration(found: Findings, section: PSSection, specs: list):
+    """The section's ``calibration`` with its file made absolute; a problem when a data-aware method
+    has none, or when no listed method uses it."""
+    from evomerge.recipe_sections import CALIBRATED_METHODS
+
+    cal, aware = section.calibration, [s.name for s in specs if s.name in CALIBRATED_METHODS]
+    if aware and cal is None:
+        found.add("ps.calibration", f"method(s) {', '.join(aware)} compute statistics on calibration data; none is named",
+                  "add `calibration: {suite: <suite.yaml>, split: search}` or `{jsonl: <file>, field: prompt}` under ps")
+    if cal is not None and not aware:
+        found.add("ps.calibration", "no listed method uses calibration data",
+                  f"remove it (data-aware methods: {', '.join(CALIBRATED_METHODS)})")
+    if cal is None:
         return None
-    repeats = c.integer(raw.get("repeats", 1), "dfs.repeats", low=1) or 1
-    names = [n for n, _ in models]
-    idx = {}
-    for key in ("embed", "head"):
-        val = raw.get(key, raw.get("embed") if key == "head" else None)
-        if val is None:
-            idx[key] = 0
-        elif val in names:
-            idx[key] = names.index(val)
+    key = "suite" if cal.suite is not None else "jsonl"
+    return cal.model_copy(update={key: resolve_path(getattr(cal, key), found.base_dirs)})
+
+
+def _param_choices(found: Findings, section: PSSection, specs: list, declared: dict) -> dict[str, ParamChoice]:
+    """How every declared parameter is handled: the file's bounds or value, else the registry's."""
+    choices: dict[str, ParamChoice] = {}
+    for name, setting in section.params.items():
+        key = f"ps.params.{name}"
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            found.add(key, f"unknown parameter '{name}' for method(s) {', '.join(s.name for s in specs)}",
+                      f"known parameters: {known}")
+            continue
+        params = declared[name]
+        if not isinstance(setting, Bounds):
+            for param in params:
+                found.problems += param.check(setting, f"{found.source}: {key}")
+            choices[name] = ParamChoice("fixed", value=setting)
+            continue
+        low = setting.low if setting.low is not None else params[0].search_low
+        high = setting.high if setting.high is not None else params[0].search_high
+        if low is None or high is None:
+            found.add(key, f"'{name}' has no default search bounds", "set both low and high")
+            continue
+        if low > high:
+            found.add(key, f"bounds reversed: low {low} > high {high}", "swap them")
+        for param in params:
+            for bound, label in ((low, "low"), (high, "high")):
+                found.problems += param.check(int(bound) if param.kind == "int" else bound,
+                                              f"{found.source}: {key}.{label}")
+        choices[name] = ParamChoice("search", low, high)
+    for name, params in declared.items():
+        if name in choices:
+            continue
+        first = params[0]
+        if first.searchable and first.search_low is not None and first.search_high is not None:
+            low = min(q.search_low for q in params if q.search_low is not None)
+            high = max(q.search_high for q in params if q.search_high is not None)
+            choices[name] = ParamChoice("search", low, high)
+        elif first.required:
+            found.add(f"ps.params.{name}", f"required parameter '{name}' is neither searched nor fixed",
+                      f"set `{name}: <value>` or `{name}: {{low: .., high: ..}}`")
         else:
-            c.add(f"dfs.{key}", f"'{val}' is not one of the models ({', '.join(names)})")
-            idx[key] = 0
-    scale = raw.get("scale", {})
-    bounds: tuple[float, float] | None = (0.5, 2.0)
-    if scale is False:
-        bounds = None
-    else:
-        scale = c.mapping(scale, "dfs.scale", {"low", "high"})
-        lo, hi = c.number(scale.get("low", 0.5), "dfs.scale.low"), c.number(scale.get("high", 2.0), "dfs.scale.high")
-        if lo is not None and hi is not None:
-            if lo > hi:
-                c.add("dfs.scale", f"bounds reversed: low {lo} > high {hi}", "swap them")
-            if lo <= 0:
-                c.add("dfs.scale.low", f"scales must be positive, got low {lo}", "use e.g. low: 0.5")
-            bounds = (lo, hi)
-    first = c.integer(raw.get("first_layers", 0), "dfs.first_layers") or 0
-    last = c.integer(raw.get("last_layers", 0), "dfs.last_layers") or 0
-    depth = c.integer(raw.get("max_depth"), "dfs.max_depth", low=1)
-    if not models:
+            choices[name] = ParamChoice("default")
+    for name, params in declared.items():
+        if len({q.scope for q in params}) > 1 and name in choices and choices[name].mode == "search":
+            owners = ", ".join(f"{s.name} ({q.scope})" for s in specs for q in s.params if q.name == name)
+            found.add(f"ps.params.{name}", f"'{name}' is per source in some methods and global in others "
+                      f"({owners}); one search dimension cannot serve both",
+                      f"fix `{name}: <value>`, or search these methods in separate spaces")
+    return choices
+
+
+# ----------------------------------------------------------------------------------------- dfs
+
+
+def parse_dfs(found: Findings, section: DFSSection, dtype: str | None, sizes: Callable[[str], ModelSize],
+              ps_size: ModelSize | None) -> DFSSpace | None:
+    """The DFS space of a valid ``dfs:`` section (``ps_size``: the PS winner's, in a ps_dfs space)."""
+    models = _resolved(found, section.models)
+    if any(ref == PS_WINNER for _, ref in models) and ps_size is None:
+        found.add("dfs.models", "'@ps' (the PS winner) is only allowed in a kind: ps_dfs space")
         return None
-    extra = {PS_WINNER: ps_size} if ps_size else None
-    msizes = _sizes(c, [r for _, r in models], "dfs.models", sizes, extra)
+    names = [name for name, _ in models]
+    index = {}
+    for key in ("embed", "head"):
+        value = section.embed if key == "embed" else (section.head if section.head is not None else section.embed)
+        if value is None:
+            index[key] = 0
+        elif value in names:
+            index[key] = names.index(value)
+        else:
+            found.add(f"dfs.{key}", f"'{value}' is not one of the models ({', '.join(names)})",
+                      f"name one of them in `{key}:`")
+            index[key] = 0
+    first, last, depth = section.first_layers, section.last_layers, section.max_depth
+    if depth is not None and depth < first + last:
+        found.add("dfs.max_depth", f"max_depth {depth} is smaller than first_layers + last_layers ({first + last})")
+    msizes = _sizes(found, [ref for _, ref in models], "dfs.models", sizes,
+                    {PS_WINNER: ps_size} if ps_size else None)
     if msizes is None:
         return None
     layers = tuple(s.num_layers for s in msizes)
-    if first > layers[idx["embed"]] or last > layers[idx["head"]]:
-        c.add("dfs", "first_layers/last_layers exceed the embed/head model's layer count")
+    if first > layers[index["embed"]] or last > layers[index["head"]]:
+        found.add("dfs", f"first_layers/last_layers ({first}/{last}) exceed the embed/head model's layer count "
+                  f"({layers[index['embed']]}/{layers[index['head']]})")
         return None
-    if depth is not None and depth < first + last:
-        c.add("dfs.max_depth", f"max_depth {depth} is smaller than first_layers + last_layers")
-    return DFSSpace(models=tuple(models), layers=layers, repeats=repeats, embed=idx["embed"], head=idx["head"],
-                    scale=bounds, first_layers=first, last_layers=last, max_depth=depth, dtype=dtype)
+    return DFSSpace(models=tuple(models), layers=layers, repeats=section.repeats, embed=index["embed"],
+                    head=index["head"], scale=section.scale_bounds, first_layers=first, last_layers=last,
+                    max_depth=depth, dtype=dtype)
 
 
-def parse_objectives(c: Checker, raw: Any) -> list[Objective]:
-    raw = raw if raw is not None else [{"metric": "combined"}]
-    if not isinstance(raw, list) or not raw:
-        c.add("objectives", f"expected a non-empty list, got {raw!r}", "e.g. [{metric: combined}]")
-        return []
+# ---------------------------------------------------------------------------------- objectives
+
+
+def parse_objectives(found: Findings, entries: list[ObjectiveEntry]) -> list[Objective]:
+    """The objectives of a valid ``objectives:`` list (names unique, weights on all or none)."""
     out = []
-    for i, o in enumerate(raw):
-        where = f"objectives[{i}]"
-        if isinstance(o, str):
-            o = {"cost": o[5:]} if o.startswith("cost:") else {"metric": o}
-        o = c.mapping(o, where, _OBJ)
-        if ("metric" in o) == ("cost" in o):
-            c.add(where, "give exactly one of `metric: <score name>` or `cost: params|layers`")
-            continue
-        kind = "metric" if "metric" in o else "cost"
-        key = str(o[kind])
-        if kind == "cost" and key not in COSTS:
-            c.add(f"{where}.cost", f"unknown cost '{key}'", f"use one of {', '.join(COSTS)}")
-        direction = o.get("direction", "maximize" if kind == "metric" else "minimize")
-        if direction not in ("maximize", "minimize"):
-            c.add(f"{where}.direction", f"expected maximize or minimize, got {direction!r}")
-        w = o.get("weight")
-        if w is not None:
-            w = c.number(w, f"{where}.weight")
-        out.append(Objective(key if kind == "metric" else f"cost:{key}", kind, key, direction, w))
+    for entry in entries:
+        kind = "metric" if entry.metric is not None else "cost"
+        key = entry.metric if kind == "metric" else entry.cost
+        direction = entry.direction or ("maximize" if kind == "metric" else "minimize")
+        weight = None if entry.weight is None else float(entry.weight)
+        out.append(Objective(key if kind == "metric" else f"cost:{key}", kind, key, direction, weight))
     names = [o.name for o in out]
-    for n in sorted({n for n in names if names.count(n) > 1}):
-        c.add("objectives", f"objective '{n}' is listed twice")
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        found.add("objectives", f"objective '{name}' is listed twice", "list each objective once")
     if sum(o.weight is not None for o in out) not in (0, len(out)):
-        c.add("objectives", "weights must be set on every objective or on none",
-              "weights combine the objectives into one scalar")
+        found.add("objectives", "weights must be set on every objective or on none",
+                  "weights combine the objectives into one scalar")
     return out

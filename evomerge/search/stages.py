@@ -15,7 +15,6 @@ import dataclasses
 import math
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,10 @@ from evomerge.search.pareto import front_trials
 from evomerge.search.paths import PS_WINNER
 from evomerge.search.runner import Candidate, StageRunner
 from evomerge.search.space import SearchSpace
-from evomerge.search.study import (StudyMeta, create_or_load, finished, get_attr, heldout_records, new_trial,
-                                   recover_interrupted, set_attr)
-from evomerge.workers import base as _workers  # module, not names: evomerge.workers may be mid-import
+from evomerge.search.study import StudyMeta, TrialRecords, create_or_load, finished, get_attr, heldout_records, set_attr
+from evomerge.workers.base import Executor, InProcessExecutor
 
 DEFAULT_TRIALS = 50
-_POLL = 5.0  # seconds between liveness checks of the executor while the held-out re-score waits
 
 
 def _first_errors(study, k: int = 3) -> list[str]:
@@ -76,7 +73,7 @@ def baselines(space) -> list[tuple[str, Recipe | None, dict[str, Any] | None]]:
 
 
 class StudyRun:
-    def __init__(self, study_dir: Path, meta: StudyMeta, space: SearchSpace, executor: _workers.Executor | None,
+    def __init__(self, study_dir: Path, meta: StudyMeta, space: SearchSpace, executor: Executor | None,
                  storage, probe: Evaluator, evaluator_factory, progress: bool, timeout: float | None,
                  own_executor: bool = False):
         self.dir, self.meta, self.space, self.progress = study_dir, meta, space, progress
@@ -85,7 +82,7 @@ class StudyRun:
         self.probe = probe
         make = evaluator_factory or (lambda: make_evaluator(space.evaluation, source=f"{space.source}: evaluation"))
         pool = [probe]  # the evaluator built to check the space is the first one used
-        self.executor = executor or _workers.InProcessExecutor(lambda: pool.pop() if pool else make(),
+        self.executor = executor or InProcessExecutor(lambda: pool.pop() if pool else make(),
                                                                workers=meta.workers)
         self._own_executor = executor is None or own_executor
 
@@ -101,12 +98,12 @@ class StudyRun:
         stored = get_attr(study, "rungs")
         if stored is not None:
             return tuple(stored)
-        mf = self.space.multi_fidelity
-        on = mf.enabled
+        fidelity = self.space.multi_fidelity
+        on = fidelity.enabled
         if on == "auto":
             size = self.probe.split_size("search")
-            on = size is not None and size >= mf.auto_min_items
-        rungs = tuple(mf.rungs) if on else (1.0,)
+            on = size is not None and size >= fidelity.auto_min_items
+        rungs = tuple(fidelity.rungs) if on else (1.0,)
         set_attr(study, "rungs", list(rungs))
         return rungs
 
@@ -135,9 +132,11 @@ class StudyRun:
         space = self.bind_stage(stage)
         budget = self.meta.budget(stage) or DEFAULT_TRIALS
         study = self.stage_study(stage)
-        recover_interrupted(study)
+        records = TrialRecords(study, self.storage)
+        records.recover_interrupted()
         n_obj = len(study.directions)
-        sampler = make_sampler(cfg, n_objectives=n_obj, seed_offset=len(study.get_trials(deepcopy=False)))
+        sampler = make_sampler(cfg, n_objectives=n_obj, seed_offset=len(study.get_trials(deepcopy=False)),
+                               x0=space.default_params(), search_space=D.distributions(space.dims()))
         study.sampler = sampler
         done = len(finished(study))
         bar = _bar(stage, budget, done, self.progress)
@@ -150,9 +149,15 @@ class StudyRun:
             if best[0] is not None:
                 bar.set_postfix_str(f"best {self._utility_name()} {best[0]:.4g}")
 
-        mf = self.space.multi_fidelity
-        runner = StageRunner(study, space, list(self.space.objectives), self.executor, self.rungs(study),
-                             mf.promote, stage, self.meta.limit, on_finish=on_finish)
+        fidelity = self.space.multi_fidelity
+        estimator = None
+        if fidelity.estimator and len(self.rungs(study)) > 1:  # the first rung on anchor items
+            from evomerge.search.estimator import RungEstimator
+
+            estimator = RungEstimator(fidelity.estimator, fidelity.anchors, fidelity.reference, seed=self.space.seed)
+            estimator.load(study)
+        runner = StageRunner(records, space, list(self.space.objectives), self.executor, self.rungs(study),
+                             fidelity.promote, stage, self.meta.limit, on_finish=on_finish, estimator=estimator)
         try:
             if self.space.baselines:
                 self.run_baselines(runner)
@@ -179,12 +184,13 @@ class StudyRun:
         n_done = len(finished(study))
         if n_done >= budget:
             set_attr(study, "stage_done", True)
-        bt = best_trial(study, self.space)
+        self.select(stage)  # the winner, chosen on the validation sample before it is named
+        top = best_trial(study, self.space)
         failed = sum(t.state == TrialState.FAIL for t in finished(study))
         return {"finished": n_done, "budget": budget, "failed": failed,
                 "errors": _first_errors(study) if failed else [],
-                "best_trial": None if bt is None else bt.number,
-                "best_utility": None if bt is None else utility(list(self.space.objectives), bt.user_attrs["objectives"])}
+                "best_trial": None if top is None else top.number,
+                "best_utility": None if top is None else utility(list(self.space.objectives), top.user_attrs["objectives"])}
 
     def _utility_name(self) -> str:
         objs = self.space.objectives
@@ -208,9 +214,9 @@ class StudyRun:
         todo = [(label, recipe, params) for label, recipe, params in baselines(runner.space) if label not in have]
         cands = []
         for label, recipe, params in todo:
-            number = new_trial(study, params=params or {}, distributions=runner.dists,
-                               user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
-                                           "recipe": recipe_to_yaml(recipe)})
+            number = runner.records.new_trial(params=params or {}, distributions=runner.dists,
+                                              user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
+                                                          "recipe": recipe_to_yaml(recipe)})
             cand = Candidate(number, recipe, params or {}, rung=len(runner.rungs) - 1)
             runner.live[number] = cand
             cands.append(cand)
@@ -221,38 +227,29 @@ class StudyRun:
         finally:
             runner.on_finish = saved
 
+    def select(self, stage: str) -> dict[str, Any] | None:
+        """Name the stage's winner on the validation sample (:mod:`evomerge.search.validation`)."""
+        from evomerge.search.validation import select_winner
+
+        return select_winner(self, stage, self.stage_study(stage))
+
     def rescore(self, stage: str, *, force: bool = False) -> int:
-        """Score the stage's Pareto front and baselines on the held-out split; returns how many were scored."""
+        """Score the stage's Pareto front, its selection pool (the winner chosen on validation and the
+        candidates it was chosen among) and baselines on the held-out split; returns how many were scored."""
+        from evomerge.search.validation import score_trials
+
         study = self.stage_study(stage)
         have = heldout_records(study)
         objs = list(self.space.objectives)
         targets = front_trials(study, objs, include_baselines=True)
         targets += [t for t in finished(study, kind="baseline") if t.state == TrialState.COMPLETE]
+        chosen = set((get_attr(study, "selection") or {}).get("pool", []))
+        targets += [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number in chosen]
         todo = {t.number: t for t in targets if force or t.number not in have}
         # each result is stored as soon as it is in (a killed re-score keeps what it finished, and
-        # the next resume or rescore scores only the rest); at most `capacity` jobs in flight
-        pending = list(todo)
-        running: dict[Any, int] = {}
-        while pending or running:
-            while pending and len(running) < max(1, int(getattr(self.executor, "capacity", 1))):
-                n = pending.pop(0)
-                recipe = parse_recipe(yaml.safe_load(todo[n].user_attrs["recipe"]))
-                running[self.executor.submit(_workers.Job(n, recipe, "held-out"))] = n
-            done, _ = wait(list(running), timeout=_POLL, return_when=FIRST_COMPLETED)
-            if not done and getattr(self.executor, "check", None) is not None:
-                self.executor.check()  # RunInterrupted when the workers are gone (what is stored stays)
-            for fut in done:
-                n = running.pop(fut)
-                res = fut.result()
-                rec: dict[str, Any] = {"error": res.error, "worker": res.worker, "seconds": res.seconds}
-                if res.ok:
-                    rec.update(res.outcome.to_dict())
-                    try:
-                        rec["objectives"] = _objective_values(objs, res.outcome.scores, todo[n])
-                    except KeyError as err:
-                        rec["error"] = str(err)
-                set_attr(study, f"heldout:{n}", rec)
-        return len(todo)
+        # the next resume or rescore scores only the rest)
+        return score_trials(self.executor, study, todo, "held-out",
+                            lambda outcome, trial: _objective_values(objs, outcome.scores, trial))
 
     def close(self) -> None:
         if self._own_executor:
@@ -273,7 +270,14 @@ def _bar(stage: str, total: int, initial: int, enabled: bool):
 
 
 def best_trial(study, space: SearchSpace):
-    """The completed trial (search or baseline) with the highest utility, or None."""
+    """The stage's winner: the trial chosen on the validation sample when the choice is made
+    (:func:`evomerge.search.validation.selected_trial`), else the completed trial (search or
+    baseline) with the highest utility, or None."""
+    from evomerge.search.validation import selected_trial
+
+    chosen = selected_trial(study)
+    if chosen is not None:
+        return chosen
     objs = list(space.objectives)
     best, best_u = None, -math.inf
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -5,10 +5,14 @@ A study folder holds ``study.json`` (which storage and study names, the budget),
 (SQLite). Everything the search decides lives in the storage, so ``resume`` is "open it again":
 
 * trials: params, and user attributes ``kind`` (search | baseline), ``label``, ``recipe`` (YAML),
-  ``recipe_hash``, ``scores`` / ``n`` / ``stderr`` (per metric), ``objectives``, ``rungs`` (scores
-  at each fidelity), ``seconds``, ``worker``, ``error``, ``cma`` ({gen, idx} for pycma trials);
+  ``recipe_hash``, ``scores`` / ``n`` / ``stderr`` (per metric), ``items`` (per-item results of the
+  full-fidelity score, where the evaluator reports them: :mod:`evomerge.search.selection`),
+  ``objectives``, ``rungs`` (scores at each fidelity), ``seconds``, ``worker``, ``error``, ``cma``
+  ({gen, idx} for pycma trials);
 * study system attributes: ``evomerge:cma_state`` (pycma state after the last told generation),
-  ``evomerge:heldout:<trial>`` (held-out re-scores), ``evomerge:stage_done``.
+  ``evomerge:heldout:<trial>`` (held-out re-scores), ``evomerge:validation:<trial>`` (validation
+  re-scores of the selection pool), ``evomerge:selection`` (the stage's winner chosen on validation:
+  :mod:`evomerge.search.validation`), ``evomerge:stage_done``.
 
 Optuna-dashboard reads the same storage: ``optuna-dashboard sqlite:///results/NAME/study.db``.
 
@@ -24,6 +28,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,9 +212,9 @@ def _meta_problems(data: dict[str, Any]) -> list[str]:
         out.append(f"'stages' must be a list of ps / dfs, got {stages!r}")
     if data.get("trials") is not None and not whole(data["trials"], 1):
         out.append(f"'trials' must be a whole number >= 1 or null, got {data['trials']!r}")
-    st = data.get("stage_trials", {})
-    if not isinstance(st, dict) or not all(isinstance(k, str) and whole(v, 1) for k, v in st.items()):
-        out.append(f"'stage_trials' must map stages to whole numbers >= 1, got {st!r}")
+    stage_trials = data.get("stage_trials", {})
+    if not isinstance(stage_trials, dict) or not all(isinstance(k, str) and whole(v, 1) for k, v in stage_trials.items()):
+        out.append(f"'stage_trials' must map stages to whole numbers >= 1, got {stage_trials!r}")
     if not whole(data.get("workers", 1), 1):
         out.append(f"'workers' must be a whole number >= 1, got {data.get('workers')!r}")
     if data.get("limit") is not None and not whole(data["limit"], 1):
@@ -217,9 +222,9 @@ def _meta_problems(data: dict[str, Any]) -> list[str]:
     t = data.get("timeout")
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
         out.append(f"'timeout' must be a positive number of seconds or null, got {t!r}")
-    c = data.get("created", 0.0)
-    if isinstance(c, bool) or not isinstance(c, (int, float)):
-        out.append(f"'created' must be a number (seconds since 1970), got {c!r}")
+    created = data.get("created", 0.0)
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        out.append(f"'created' must be a number (seconds since 1970), got {created!r}")
     return out
 
 
@@ -340,11 +345,15 @@ class StudyLock:
 def load_study(storage: optuna.storages.BaseStorage, name: str,
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     try:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         raise StudyError(f"the storage holds no study named {name!r} (it has: {', '.join(names) or 'none'})") \
             from None
+    legacy = {k: v for k, v in _legacy_attrs(storage, name).items() if k.startswith(ATTR)}
+    if legacy:
+        _LEGACY[study] = legacy
+    return study
 
 
 def create_or_load(storage: optuna.storages.BaseStorage, name: str, directions: list[str],
@@ -362,63 +371,91 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, directions: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metric_names)
+    _migrate_attrs(study, storage)
     return study
 
 
-# -------------------------------------------------------------------------------------- system attrs
+# ------------------------------------------------------------------------------- study attributes
+#
+# evomerge's study-level records are study user attributes named ``evomerge:<key>`` (Optuna's public
+# study API). Studies written before kept them as system attributes, which only the storage reads:
+# a run moves them over when it opens the study (:func:`create_or_load`); a reader
+# (:func:`load_study`, which never writes) keeps them beside the study object.
+
+_LEGACY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # study -> its older system attributes
 
 
-def _sid(study: optuna.Study) -> int:
-    return study._storage.get_study_id_from_name(study.study_name)
+def study_attrs(study: optuna.Study) -> dict[str, Any]:
+    """evomerge's study attributes, by key without the ``evomerge:`` prefix."""
+    attrs = dict(_LEGACY.get(study, {}))
+    attrs.update(study.user_attrs)
+    return {k[len(ATTR):]: v for k, v in attrs.items() if k.startswith(ATTR)}
+
+
+def _legacy_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
+    return dict(storage.get_study_system_attrs(storage.get_study_id_from_name(name)))
 
 
 def get_attr(study: optuna.Study, key: str, default: Any = None) -> Any:
-    return study._storage.get_study_system_attrs(_sid(study)).get(ATTR + key, default)
+    return study.user_attrs.get(ATTR + key, default)
 
 
 def set_attr(study: optuna.Study, key: str, value: Any) -> None:
-    study._storage.set_study_system_attr(_sid(study), ATTR + key, value)
+    study.set_user_attr(ATTR + key, value)
 
 
 def heldout_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
-    prefix = ATTR + "heldout:"
-    attrs = study._storage.get_study_system_attrs(_sid(study))
-    return {int(k[len(prefix):]): v for k, v in attrs.items() if k.startswith(prefix)}
+    """The held-out re-scores of a study's trials, by trial number."""
+    prefix = "heldout:"
+    return {int(k[len(prefix):]): v for k, v in study_attrs(study).items() if k.startswith(prefix)}
+
+
+def _migrate_attrs(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Copy the records an older evomerge kept as system attributes into user attributes."""
+    have = study.user_attrs
+    for key, value in _legacy_attrs(storage, study.study_name).items():
+        if key.startswith(ATTR) and key not in have:
+            study.set_user_attr(key, value)
 
 
 # ------------------------------------------------------------------------------------------- trials
 
 
-def new_trial(study: optuna.Study, *, params: dict[str, Any], distributions: dict[str, Any],
-              user_attrs: dict[str, Any]) -> int:
-    """Create a RUNNING trial with ``params`` in one storage call; returns its number."""
-    tmpl = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
-                       datetime_start=None, datetime_complete=None, params=params,
-                       distributions={k: distributions[k] for k in params}, user_attrs=user_attrs,
-                       system_attrs={}, intermediate_values={}, trial_id=-1)
-    import datetime
+class TrialRecords:
+    """The trials of one study written through its storage's public API (Optuna keeps a study's
+    storage private): trials created with given params, a trial's user attributes set by number, and
+    trials a killed run left running marked as interrupted."""
 
-    tmpl.datetime_start = datetime.datetime.now()
-    trial_id = study._storage.create_new_trial(_sid(study), template_trial=tmpl)
-    return study._storage.get_trial_number_from_id(trial_id)
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage):
+        self.study, self.storage = study, storage
+        self.study_id = storage.get_study_id_from_name(study.study_name)
 
+    def new_trial(self, *, params: dict[str, Any], distributions: dict[str, Any], user_attrs: dict[str, Any]) -> int:
+        """Create a RUNNING trial with ``params`` in one storage call; returns its number."""
+        import datetime
 
-def set_user_attrs(study: optuna.Study, number: int, attrs: dict[str, Any]) -> None:
-    tid = study._storage.get_trial_id_from_study_id_trial_number(_sid(study), number)
-    for k, v in attrs.items():
-        study._storage.set_trial_user_attr(tid, k, v)
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
+                               datetime_start=datetime.datetime.now(), datetime_complete=None, params=params,
+                               distributions={k: distributions[k] for k in params}, user_attrs=user_attrs,
+                               system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        return self.storage.get_trial_number_from_id(trial_id)
 
+    def set_user_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
 
-def recover_interrupted(study: optuna.Study) -> list[FrozenTrial]:
-    """Mark trials left RUNNING (or WAITING) by a killed run as failed ('interrupted'); returns them."""
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        # a WAITING trial is a retry the killed run had queued: interrupted too, so it is queued again
-        study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        out.append(t)
-    return out
+    def recover_interrupted(self) -> list[FrozenTrial]:
+        """Mark trials left RUNNING (or WAITING) by a killed run as failed ('interrupted'); returns them."""
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            # a WAITING trial is a retry the killed run had queued: interrupted too, so it is queued again
+            self.set_user_attrs(t.number, {"error": INTERRUPTED, "interrupted": True})
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            out.append(t)
+        return out
 
 
 def is_interrupted(t: FrozenTrial) -> bool:

@@ -1,6 +1,6 @@
 """The executor protocol and the in-process executor.
 
-A :class:`Job` is one evaluation (a recipe on a split at a fidelity); an executor turns it into a
+A :class:`CandidateJob` is one evaluation (a recipe on a split at a fidelity); an executor turns it into a
 :class:`concurrent.futures.Future` of a :class:`JobResult`. ``capacity`` says how many jobs can run
 at once, so the driver submits a whole CMA-ES population as a batch (``map``) and asks an
 asynchronous sampler for a new trial whenever a slot frees. A job never raises: a failing candidate
@@ -23,12 +23,18 @@ from evomerge.evaluate.evaluators import EvalOutcome, Evaluator, worker_name
 
 
 @dataclass(frozen=True)
-class Job:
+class CandidateJob:
     key: Any  # the driver's handle (trial number, rung)
     recipe: Recipe
     split: str = "search"
     fidelity: float = 1.0
     limit: int | None = None
+    # stop scoring once this bar is out of reach (a rung below the last: evomerge.search.bounds);
+    # given to evaluators whose ``evaluate`` takes ``bar`` (the suite evaluator), ignored by others
+    bar: dict[str, Any] | None = None
+    # score exactly these item ids per task (the first rung's anchors: evomerge.search.estimator);
+    # given to evaluators whose ``evaluate`` takes ``items``
+    items: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -47,16 +53,17 @@ class JobResult:
 class Executor(Protocol):
     capacity: int
 
-    def submit(self, job: Job) -> Future[JobResult]: ...
+    def submit(self, job: CandidateJob) -> Future[JobResult]: ...
 
     def shutdown(self) -> None: ...
 
 
-def run_job(evaluator: Evaluator, job: Job) -> JobResult:
+def run_job(evaluator: Evaluator, job: CandidateJob) -> JobResult:
     """Evaluate ``job``; exceptions and non-finite scores become ``error`` (with the exception's message)."""
     start = time.perf_counter()
     try:
-        outcome = evaluator.evaluate(job.recipe, split=job.split, fidelity=job.fidelity, limit=job.limit)
+        extra = {k: v for k, v in (("bar", job.bar), ("items", job.items)) if v is not None and takes(evaluator, k)}
+        outcome = evaluator.evaluate(job.recipe, split=job.split, fidelity=job.fidelity, limit=job.limit, **extra)
         bad = sorted(k for k, v in outcome.scores.items() if not math.isfinite(float(v)))
         error = f"non-finite score(s): {', '.join(bad)}" if bad else None
     except (KeyboardInterrupt, SystemExit):
@@ -72,6 +79,16 @@ def run_job(evaluator: Evaluator, job: Job) -> JobResult:
     seconds = time.perf_counter() - start
     worker = outcome.worker if outcome is not None and outcome.worker else worker_name()
     return JobResult(job.key, outcome if error is None else None, error, seconds, worker)
+
+
+def takes(evaluator: Evaluator, option: str) -> bool:
+    """Whether ``evaluator.evaluate`` accepts the keyword ``option`` (``bar``, ``items``)."""
+    import inspect
+
+    try:
+        return option in inspect.signature(evaluator.evaluate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class InProcessExecutor:
@@ -101,14 +118,14 @@ class InProcessExecutor:
             self._local[key] = self._factory()
         return self._local[key]
 
-    def submit(self, job: Job) -> Future[JobResult]:
+    def submit(self, job: CandidateJob) -> Future[JobResult]:
         if self._pool is not None:
             return self._pool.submit(lambda: run_job(self._evaluator(), job))
         fut: Future[JobResult] = Future()
         fut.set_result(run_job(self._evaluator(), job))
         return fut
 
-    def map(self, jobs: list[Job]) -> list[JobResult]:
+    def map(self, jobs: list[CandidateJob]) -> list[JobResult]:
         """Run a batch (e.g. a CMA-ES population); results in the jobs' order."""
         return [f.result() for f in [self.submit(j) for j in jobs]]
 

@@ -3,17 +3,18 @@ sources into a node-local cache, and scores jobs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from evomerge.workers.base import Job, JobResult, run_job
+from evomerge.workers.base import CandidateJob, JobResult, run_job
 from evomerge.workers.ray_errors import OOM
 
 
-class _Worker:
+class RayWorker:
     """A Ray actor: builds its evaluator once, then scores jobs (one at a time)."""
 
     def __init__(self, index: int, evaluation: dict | None, factory: Callable[[str], Any] | None,
@@ -69,9 +70,9 @@ class _Worker:
             self._local[ref] = str(root)
         return self._local
 
-    def run(self, job: Job, sources: dict[str, Any] | None = None) -> tuple[JobResult, dict[str, float]]:
+    def run(self, job: CandidateJob, sources: dict[str, Any] | None = None) -> tuple[JobResult, dict[str, float]]:
         if sources:
-            job = Job(job.key, _relocate(job.recipe, self._unpack(sources)), job.split, job.fidelity, job.limit)
+            job = dataclasses.replace(job, recipe=_relocate(job.recipe, self._unpack(sources)))
         res = run_job(self.evaluator, job)
         resident = getattr(self.evaluator, "resident", None)
         if res.error and OOM in res.error and resident is not None:

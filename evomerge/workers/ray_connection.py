@@ -51,7 +51,7 @@ def _link_logs(log_dir: Path) -> None:
         pass
 
 
-def _local_processes() -> list[tuple[str, Any]]:
+def local_processes() -> list[tuple[str, Any]]:
     """``(name, Popen)`` of the local instance's ``gcs_server`` and ``raylet`` (this process started them)."""
     try:
         from ray._private.worker import _global_node
@@ -62,7 +62,7 @@ def _local_processes() -> list[tuple[str, Any]]:
         return []
 
 
-def _kill_local(procs: list[tuple[str, Any]]) -> None:
+def kill_local(procs: list[tuple[str, Any]]) -> None:
     """SIGKILL every process of the local instance this executor started (a blocked ``ray.shutdown``)."""
     try:
         from ray._private.worker import _global_node
@@ -78,7 +78,7 @@ def _kill_local(procs: list[tuple[str, Any]]) -> None:
             pass
 
 
-def _descendants(procs: list[tuple[str, Any]]) -> list[Any]:
+def descendants(procs: list[tuple[str, Any]]) -> list[Any]:
     """The processes the local instance's raylet started (its agents and workers), as psutil handles."""
     try:
         import psutil
@@ -92,7 +92,7 @@ def _descendants(procs: list[tuple[str, Any]]) -> list[Any]:
         return []
 
 
-def _kill_strays(procs: list[Any], grace: float = 2.0) -> None:
+def kill_strays(procs: list[Any], grace: float = 2.0) -> None:
     """SIGKILL those of ``procs`` still running ``grace`` seconds after ``ray.shutdown``."""
     try:
         import psutil

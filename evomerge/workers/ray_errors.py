@@ -8,7 +8,7 @@ import re
 OOM = "out of memory"
 
 
-def _lost_errors() -> tuple[type[BaseException], ...]:
+def lost_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
     names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
@@ -16,19 +16,19 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rex, n) for n in names if isinstance(getattr(rex, n, None), type))
 
 
-_INFRA_TEXT = re.compile(r"owner has died|owner's node|node (it was running on )?(is|was) (dead|preempted|removed"
+INFRA_TEXT = re.compile(r"owner has died|owner's node|node (it was running on )?(is|was) (dead|preempted|removed"
                          r"|terminated)|its node (has )?died|node has (died|crashed)|node .* has been marked dead",
                          re.IGNORECASE)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _reason(err: BaseException, size: int = 300) -> str:
+def failure_reason(err: BaseException, size: int = 300) -> str:
     text = " ".join(_ANSI.sub("", str(err)).split())
     return f"{type(err).__name__}: {text}"[:size]
 
 
-def _last_line(err: BaseException, size: int = 500) -> str:
+def last_line(err: BaseException, size: int = 500) -> str:
     """The last line of an error's text: for an actor whose ``__init__`` raised, the exception
     (``RuntimeError: ...``) at the end of the traceback Ray wraps it in."""
     lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]

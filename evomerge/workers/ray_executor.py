@@ -51,14 +51,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.errors import ConfigError, Problem, RunInterrupted
-from evomerge.workers.base import Job, JobResult
+from evomerge.workers.base import CandidateJob, JobResult
 
-from evomerge.workers.ray_actor import _Worker
-from evomerge.workers.ray_connection import _descendants, _kill_local, _kill_strays, _local_processes, connect
-from evomerge.workers.ray_dispatch import _Dispatcher
-from evomerge.workers.ray_errors import _lost_errors
-from evomerge.workers.ray_state import _Pending, _Slot
-from evomerge.workers.ray_watchdog import _Watchdog
+from evomerge.workers.ray_actor import RayWorker
+from evomerge.workers.ray_connection import descendants, kill_local, kill_strays, local_processes, connect
+from evomerge.workers.ray_dispatch import Dispatcher
+from evomerge.workers.ray_errors import lost_errors
+from evomerge.workers.ray_state import PendingJob, WorkerSlot
+from evomerge.workers.ray_watchdog import Watchdog
 
 SOURCE_MODES = ("shared", "object-store")
 
@@ -66,7 +66,7 @@ SOURCE_MODES = ("shared", "object-store")
 # ------------------------------------------------------------------------------------------ the executor
 
 
-class RayExecutor(_Dispatcher, _Watchdog):
+class RayExecutor(Dispatcher, Watchdog):
     """Runs jobs on Ray actors (see the module doc). ``capacity`` is the number of actors.
 
     ``evaluation``: the space's ``evaluation:`` mapping (each actor builds its evaluator from it), or
@@ -118,12 +118,12 @@ class RayExecutor(_Dispatcher, _Watchdog):
         self._lock = threading.Condition()  # an RLock: resolving a future may call back into submit
         self._stop = False
         self._broken: str | None = None
-        self._slots: list[_Slot] = []
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._inflight: dict[Any, tuple[_Pending, _Slot]] = {}
-        self._unresolved: set[_Pending] = set()
+        self._slots: list[WorkerSlot] = []
+        self._queue: collections.deque[PendingJob] = collections.deque()
+        self._inflight: dict[Any, tuple[PendingJob, WorkerSlot]] = {}
+        self._unresolved: set[PendingJob] = set()
         self._kills: list[Any] = []  # actors to kill (and so restart) once the lock is released
-        self._held: list[_Pending] = []  # jobs awaiting the fate of the worker they last lost (_settle)
+        self._held: list[PendingJob] = []  # jobs awaiting the fate of the worker they last lost (_settle)
         self._dead_nodes: set[str] = set()  # node ids the GCS reports dead (kept fresh by the probe)
         self._threads: list[threading.Thread] = []
         self._local_procs: list[tuple[str, Any]] = []
@@ -139,13 +139,14 @@ class RayExecutor(_Dispatcher, _Watchdog):
         if (evaluation is None) == (evaluator_factory is None):
             raise ValueError("give either evaluation (the space's evaluation mapping) or evaluator_factory")
         if sources not in SOURCE_MODES:
-            raise ConfigError(Problem("--ray-sources", f"unknown mode '{sources}'", f"use one of {', '.join(SOURCE_MODES)}"))
+            raise ConfigError(Problem("--ray-sources", f"unknown mode '{sources}'",
+                                      f"use one of {', '.join(SOURCE_MODES)}"))
         want_cpus = None
         if workers is not None and address is None and not os.environ.get("RAY_ADDRESS"):
             want_cpus = max(os.cpu_count() or 1, workers * cpus_per_worker)
         self._owns_ray = connect(address, num_cpus=want_cpus, num_gpus=num_gpus, dashboard=dashboard, log_dir=log_dir)
         if self._owns_ray:
-            self._local_procs = _local_processes()
+            self._local_procs = local_processes()
         self.max_retries, self.sources = int(max_retries), sources
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus_per_worker is None:
@@ -162,21 +163,21 @@ class RayExecutor(_Dispatcher, _Watchdog):
         suite = None
         if sources == "object-store" and evaluation is not None and evaluation.get("kind", "suite") == "suite" \
                 and "suite" in evaluation:
-            from evomerge.evaluate.suite_eval import _suite_factory
+            from evomerge.evaluate.suite_eval import suite_evaluator
 
-            suite = ray.put(_suite_factory({k: v for k, v in evaluation.items() if k != "kind"}).suite)
+            suite = ray.put(suite_evaluator({k: v for k, v in evaluation.items() if k != "kind"}).suite)
         # max_concurrency=2: ``info`` answers in a second thread while ``run`` is busy (the
         # dispatcher never sends an actor a second job)
-        actor_cls = ray.remote(_Worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+        actor_cls = ray.remote(RayWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                                 max_restarts=max_restarts, max_task_retries=0, max_concurrency=2)
         now = time.monotonic()
-        self._slots = [_Slot(i, actor_cls.remote(i, evaluation, evaluator_factory, residency, fused, suite),
+        self._slots = [WorkerSlot(i, actor_cls.remote(i, evaluation, evaluator_factory, residency, fused, suite),
                              since=now, answered=now) for i in range(int(workers))]
-        for s in self._slots:
-            s.ping, s.ping_sent = s.actor.info.remote(), now
+        for worker_slot in self._slots:
+            worker_slot.ping, worker_slot.ping_sent = worker_slot.actor.info.remote(), now
         self.capacity = len(self._slots)
         self._published: dict[str, Any] = {}
-        self._lost = _lost_errors()
+        self._lost = lost_errors()
         self.started = time.time()
         self._beat = time.monotonic()  # the dispatcher's last sign of life
         self._gcs_ok = time.monotonic()  # the GCS's last answer
@@ -205,7 +206,7 @@ class RayExecutor(_Dispatcher, _Watchdog):
 
     # ------------------------------------------------------------------------------ protocol
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: CandidateJob) -> Future:
         """Queue ``job``; its future gets the :class:`JobResult`, or :class:`RunInterrupted` when the
         cluster can no longer run it. Raises :class:`RunInterrupted` once that has happened."""
         fut: Future = Future()
@@ -215,13 +216,13 @@ class RayExecutor(_Dispatcher, _Watchdog):
                 raise self._interrupted(0)
             if self._stop:
                 raise RuntimeError("the Ray executor was shut down")
-            p = _Pending(job, fut, started=time.perf_counter())
-            self._unresolved.add(p)
-            self._queue.append(p)
+            queued = PendingJob(job, fut, started=time.perf_counter())
+            self._unresolved.add(queued)
+            self._queue.append(queued)
             self._lock.notify_all()
         return fut
 
-    def map(self, jobs: list[Job]) -> list[JobResult]:
+    def map(self, jobs: list[CandidateJob]) -> list[JobResult]:
         return [f.result() for f in [self.submit(j) for j in jobs]]
 
     def check(self) -> None:
@@ -245,8 +246,8 @@ class RayExecutor(_Dispatcher, _Watchdog):
         instance this executor started). Never blocks for more than about ``shutdown_timeout``."""
         with self._lock:
             self._stop = True
-            for p in list(self._unresolved):
-                self._resolve(p, exc=CancelledError("the Ray executor was shut down"))
+            for queued in list(self._unresolved):
+                self._resolve(queued, exc=CancelledError("the Ray executor was shut down"))
             self._queue.clear()
             self._inflight.clear()
             self._lock.notify_all()
@@ -256,15 +257,15 @@ class RayExecutor(_Dispatcher, _Watchdog):
             return
         # the raylet's children (agents, workers) of a local instance we started: killed after
         # ray.shutdown if a dead or hung raylet left them behind
-        strays = _descendants(self._local_procs) if owns else []
+        strays = descendants(self._local_procs) if owns else []
 
         def teardown() -> None:
             import ray
 
             if ray.is_initialized():
-                for s in slots:
+                for worker_slot in slots:
                     try:
-                        ray.kill(s.actor, no_restart=True)
+                        ray.kill(worker_slot.actor, no_restart=True)
                     except Exception:  # noqa: BLE001 - already gone
                         pass
             if owns and ray.is_initialized():
@@ -280,10 +281,10 @@ class RayExecutor(_Dispatcher, _Watchdog):
             if owns:
                 import ray
 
-                _kill_local(self._local_procs)
+                kill_local(self._local_procs)
                 atexit.unregister(ray.shutdown)  # it would block the interpreter's exit the same way
         if strays:
-            _kill_strays(strays, grace=0.0 if t.is_alive() else 2.0)
+            kill_strays(strays, grace=0.0 if t.is_alive() else 2.0)
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=2)
@@ -313,15 +314,15 @@ class RayExecutor(_Dispatcher, _Watchdog):
 
     # ------------------------------------------------------------------------------ futures
 
-    def _resolve(self, p: _Pending, res: JobResult | None = None, exc: BaseException | None = None) -> None:
-        """Resolve ``p``'s future, once (callers hold the lock)."""
-        self._unresolved.discard(p)
-        if p.future.done():
+    def _resolve(self, queued: PendingJob, res: JobResult | None = None, exc: BaseException | None = None) -> None:
+        """Resolve ``queued``'s future, once (callers hold the lock)."""
+        self._unresolved.discard(queued)
+        if queued.future.done():
             return
         if exc is not None:
-            p.future.set_exception(exc)
+            queued.future.set_exception(exc)
         else:
-            p.future.set_result(res)
+            queued.future.set_result(res)
 
     def _interrupted(self, jobs: int, what: str | None = None) -> RunInterrupted:
         what = what or self._broken or "the Ray cluster is gone"
@@ -339,8 +340,8 @@ class RayExecutor(_Dispatcher, _Watchdog):
             self._broken = reason
             todo = [p for p in self._unresolved if not p.future.done()]
             self.events.append({"event": "interrupted", "reason": reason, "jobs": len(todo)})
-            for p in todo:
-                self._resolve(p, exc=self._interrupted(len(todo)))
+            for queued in todo:
+                self._resolve(queued, exc=self._interrupted(len(todo)))
             self._queue.clear()
             self._inflight.clear()
             self._lock.notify_all()

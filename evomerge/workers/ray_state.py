@@ -7,11 +7,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.workers.base import Job, JobResult
+from evomerge.workers.base import CandidateJob, JobResult
 
 
 @dataclass(eq=False)
-class _Loss:
+class WorkerLoss:
     """One lost attempt of a job: ``kind`` is ``candidate`` (an out-of-memory result: the candidate's
     doing), ``infra`` (the worker's node, raylet or owner died), or ``unclear`` (the worker process
     died or stopped answering: the candidate's doing if the worker comes back on its node, else
@@ -25,11 +25,11 @@ class _Loss:
 
 
 @dataclass(eq=False)  # hashed by identity: the executor keeps a set of the unresolved ones
-class _Pending:
-    job: Job
+class PendingJob:
+    job: CandidateJob
     future: Future
     attempts: int = 0  # times dispatched
-    losses: list[_Loss] = field(default_factory=list)
+    losses: list[WorkerLoss] = field(default_factory=list)
     held: float | None = None  # since when it waits for the fate of its last worker (see _settle)
     last: JobResult | None = None  # the last out-of-memory result
     started: float = 0.0
@@ -39,7 +39,7 @@ class _Pending:
 
 
 @dataclass(eq=False)
-class _Slot:
+class WorkerSlot:
     index: int
     actor: Any
     # starting -> idle <-> busy; lost (restarting: pinged until it answers); gone (did not come back

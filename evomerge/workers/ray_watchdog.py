@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 
-from evomerge.workers.ray_errors import _INFRA_TEXT, _last_line, _reason
-from evomerge.workers.ray_state import _Slot
+from evomerge.workers.ray_errors import INFRA_TEXT, last_line, failure_reason
+from evomerge.workers.ray_state import WorkerSlot
 
 
-class _Watchdog:
+class Watchdog:
     """The liveness methods of :class:`~evomerge.workers.ray_executor.RayExecutor` (its state)."""
 
-    def _on_ping(self, slot: _Slot, value, err: BaseException | None, dead_nodes: set[str]) -> None:
+    def _on_ping(self, slot: WorkerSlot, value, err: BaseException | None, dead_nodes: set[str]) -> None:
         from ray.exceptions import ActorUnavailableError
 
         now = time.monotonic()
@@ -38,11 +38,11 @@ class _Watchdog:
         if isinstance(err, ActorUnavailableError):  # restarting, or unreachable for now: ask again shortly
             slot.ping_at = now + 0.5
             if slot.state == "idle":
-                self._mark_lost(slot, f"worker {slot.index} is unavailable: {_reason(err)}", now)
+                self._mark_lost(slot, f"worker {slot.index} is unavailable: {failure_reason(err)}", now)
             return
         if isinstance(err, self._lost) and not getattr(err, "actor_init_failed", False):
             why = (f"worker {slot.index} (pid {slot.info.get('pid')}) is dead"
-                   f"{' with its node' if self._infra(err, slot, dead_nodes) else ''}: {_reason(err, 2000)}")
+                   f"{' with its node' if self._infra(err, slot, dead_nodes) else ''}: {failure_reason(err, 2000)}")
             if not slot.died_ping:
                 # a ping in flight when the process died fails so even if Ray restarts the actor; a
                 # ping sent after that fails again only if the actor is dead for good
@@ -54,42 +54,43 @@ class _Watchdog:
             slot.state, slot.why = "dead", why
             self.events.append({"event": "worker dead", "worker": slot.index, "reason": slot.why})
         else:  # the actor could not build its evaluator
-            slot.state, slot.why = "dead", f"worker {slot.index} failed to start: {_last_line(err)}"
+            slot.state, slot.why = "dead", f"worker {slot.index} failed to start: {last_line(err)}"
             self.events.append({"event": "worker failed to start", "worker": slot.index, "reason": slot.why,
-                                "detail": _reason(err, 4000)})
+                                "detail": failure_reason(err, 4000)})
         # a dead actor's running job is retried when its own result comes back (an error too)
 
-    def _mark_lost(self, slot: _Slot, why: str, now: float) -> None:
+    def _mark_lost(self, slot: WorkerSlot, why: str, now: float) -> None:
         slot.state, slot.since, slot.why = "lost", now, why
         slot.ping_at = min(slot.ping_at, now + 0.5) if slot.ping is None else slot.ping_at
 
     def _check_deadlines(self, now: float) -> None:
         """Starting, restarting and silent actors past their deadlines (callers hold the lock)."""
-        for s in self._slots:
-            if s.state == "starting" and now - s.since > self.start_timeout:
-                self._gone(s, f"worker {s.index} did not start within {self.start_timeout:g} s "
+        for worker_slot in self._slots:
+            if worker_slot.state == "starting" and now - worker_slot.since > self.start_timeout:
+                self._gone(worker_slot, f"worker {worker_slot.index} did not start within {self.start_timeout:g} s "
                               "(no free resources for it, or its evaluator takes longer to build)")
-            elif s.state == "lost" and now - s.since > self._restart_deadline(s):
-                self._gone(s, f"worker {s.index} did not come back within {self._restart_deadline(s):.0f} s "
-                              f"of being lost ({s.why})")
-            elif s.state in ("idle", "busy") and now - s.answered > self.ping_timeout:
-                why = f"worker {s.index} (pid {s.info.get('pid')}) did not answer for {self.ping_timeout:g} s"
-                self.events.append({"event": "worker unresponsive", "worker": s.index, "reason": why})
-                for ref, (p, slot) in list(self._inflight.items()):
-                    if slot is s:
+            elif worker_slot.state == "lost" and now - worker_slot.since > self._restart_deadline(worker_slot):
+                self._gone(worker_slot, f"worker {worker_slot.index} did not come back within "
+                           f"{self._restart_deadline(worker_slot):.0f} s of being lost ({worker_slot.why})")
+            elif worker_slot.state in ("idle", "busy") and now - worker_slot.answered > self.ping_timeout:
+                why = (f"worker {worker_slot.index} (pid {worker_slot.info.get('pid')}) did not answer for "
+                       f"{self.ping_timeout:g} s")
+                self.events.append({"event": "worker unresponsive", "worker": worker_slot.index, "reason": why})
+                for ref, (queued, slot) in list(self._inflight.items()):
+                    if slot is worker_slot:
                         del self._inflight[ref]
-                        self._retry(p, s, why, "unclear")
-                self._mark_lost(s, why, now)
-                s.ping, s.job_ref = None, None
-                self._kills.append(s.actor)
+                        self._retry(queued, worker_slot, why, "unclear")
+                self._mark_lost(worker_slot, why, now)
+                worker_slot.ping, worker_slot.job_ref = None, None
+                self._kills.append(worker_slot.actor)
         self._check_broken()
 
-    def _restart_deadline(self, s: _Slot) -> float:
-        return self.restart_timeout + 2 * (s.startup if s.startup is not None else 0.0)
+    def _restart_deadline(self, worker_slot: WorkerSlot) -> float:
+        return self.restart_timeout + 2 * (worker_slot.startup if worker_slot.startup is not None else 0.0)
 
-    def _gone(self, s: _Slot, why: str) -> None:
-        s.state, s.why = "gone", why
-        self.events.append({"event": "worker gone", "worker": s.index, "reason": why})
+    def _gone(self, worker_slot: WorkerSlot, why: str) -> None:
+        worker_slot.state, worker_slot.why = "gone", why
+        self.events.append({"event": "worker gone", "worker": worker_slot.index, "reason": why})
 
     def _check_broken(self) -> None:
         if self._slots and all(s.state in ("dead", "gone") for s in self._slots):
@@ -97,7 +98,7 @@ class _Watchdog:
             more = f"; and {len(self._slots) - 3} more" if len(self._slots) > 3 else ""
             self._break(f"no Ray worker is left ({'; '.join(whys)}{more})")
 
-    def _infra(self, err: BaseException, slot: _Slot, dead_nodes: set[str]) -> bool:
+    def _infra(self, err: BaseException, slot: WorkerSlot, dead_nodes: set[str]) -> bool:
         """Whether a worker was lost to the infrastructure (its node, raylet or owner died) rather
         than, possibly, to its candidate (a crash or kill on a live node, Ray's OOM killer)."""
         import ray.exceptions as rex
@@ -107,7 +108,7 @@ class _Watchdog:
         if isinstance(err, kinds) or getattr(err, "preempted", False):
             return True
         node = slot.info.get("node")
-        return bool(node and node in dead_nodes) or bool(_INFRA_TEXT.search(str(err)))
+        return bool(node and node in dead_nodes) or bool(INFRA_TEXT.search(str(err)))
 
     def _dead_node_ids(self) -> set[str]:
         """Nodes the GCS reports dead (asked now, bounded; else the probe's last answer)."""
@@ -180,7 +181,7 @@ class _Watchdog:
                     self._node_dead = (f"this driver's Ray node ({me[:12]}) was marked dead: its raylet is "
                                        "gone, and with it every worker the driver owns")
             except Exception as err:  # noqa: BLE001 - counted by the watchdog
-                self._gcs_error = _reason(err)
+                self._gcs_error = failure_reason(err)
             time.sleep(interval)
 
 

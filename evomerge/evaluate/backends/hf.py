@@ -3,7 +3,9 @@
 * ``loglik``: one forward per batch of (context, continuation) pairs, right-padded and sorted by
   length; log-probabilities of the continuation tokens are gathered.
 * ``generate``: greedy decoding with a KV cache, left-padded batches sorted by prompt length; a
-  sequence stops at EOS or a stop string, the batch at ``max_new_tokens`` or when all stopped.
+  sequence stops at EOS or a stop string (found in its newest tokens: :func:`stopped`) and leaves
+  the batch (its rows of the KV cache are dropped, so no step is spent on it), the batch stops at
+  ``max_new_tokens`` or as soon as every sequence has stopped.
 
 Every request starts with the tokenizer's BOS token (when it has one) followed by the text encoded
 without special tokens; the ``vllm`` backend builds the same token ids, so both score the same thing.
@@ -63,6 +65,7 @@ class HFLM:
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+        self.steps = self.row_steps = 0  # generation's forward passes, and the batch rows they ran
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False) if text else []
@@ -137,36 +140,76 @@ class HFLM:
         return out
 
     def _greedy(self, batch: list[list[int]], max_new: int, until: tuple[str, ...]) -> list[str]:
-        B, L = len(batch), max(map(len, batch))
-        dev = self.device
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        att = torch.zeros((B, L), dtype=torch.long)
-        for j, s in enumerate(batch):
-            ids[j, L - len(s):] = torch.tensor(s)
-            att[j, L - len(s):] = 1
-        ids, att = ids.to(dev), att.to(dev)
-        pos = (att.cumsum(1) - 1).clamp(min=0)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        gen: list[torch.Tensor] = []
+        B, dev = len(batch), self.device
+        step_ids, att = left_padded(batch, self.pad, dev)
+        step_pos = (att.cumsum(1) - 1).clamp(min=0)
+        rows: list[list[int]] = [[] for _ in range(B)]
+        live = list(range(B))  # the batch rows still generating, in the order of the model's batch
         past = None
-        step_ids, step_pos = ids, pos
         for _ in range(max_new):
             out = self.model(input_ids=step_ids, attention_mask=att, position_ids=step_pos,
                              past_key_values=past, use_cache=True)
+            self.steps += 1  # forward passes, and rows they ran (what a stopped row no longer costs)
+            self.row_steps += len(live)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            gen.append(nxt)
-            if self.eos is not None:
-                done |= nxt == self.eos
-            if until:
-                toks = torch.stack(gen, 1).tolist()
-                for j in range(B):
-                    if not done[j] and any(u in self.tok.decode(toks[j], skip_special_tokens=True) for u in until):
-                        done[j] = True
-            if bool(done.all()):
-                break
-            att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=dev)], 1)
+            keep = []
+            for j, (r, t) in enumerate(zip(live, nxt.tolist())):
+                rows[r].append(t)
+                if not (t == self.eos or until and stopped(self.tok, rows[r], until)):
+                    keep.append(j)
+            if not keep:
+                break  # every sequence hit EOS or a stop string
+            if len(keep) < len(live):  # drop finished rows: no more work spent on them
+                sel = torch.tensor(keep, device=dev)
+                if not _select_rows(past, sel):
+                    keep = list(range(len(live)))  # a cache that cannot drop rows: finished rows run on
+                else:
+                    att, step_pos, nxt = att[sel], step_pos[sel], nxt[sel]
+            live = [live[j] for j in keep]
+            att = torch.cat([att, torch.ones((len(live), 1), dtype=att.dtype, device=dev)], 1)
             step_pos = step_pos[:, -1:] + 1
             step_ids = nxt[:, None]
-        return [generation_text(self.tok, row, self.eos, until) for row in torch.stack(gen, 1).tolist()]
+        return [generation_text(self.tok, row, self.eos, until) for row in rows]
+
+
+def left_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input ids, attention mask)`` of token sequences left-padded with ``pad`` to one length."""
+    B, L = len(batch), max(map(len, batch))
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    for j, s in enumerate(batch):
+        ids[j, L - len(s):] = torch.tensor(s)
+        att[j, L - len(s):] = 1
+    return ids.to(device), att.to(device)
+
+
+# tokens decoded per character of the longest stop string when looking for it in a row's newest
+# tokens: a token decodes to at least a byte, a character takes at most 4 bytes
+_STOP_WINDOW = 4
+
+
+def stopped(tok, ids: list[int], until: tuple[str, ...]) -> bool:
+    """Whether the generation ``ids`` holds a stop string, checked after every new token: a stop
+    string that was not there before lies in the newest tokens, so only they are decoded, and a hit
+    there is confirmed on the whole generation (no decode of the whole row per step). A miss would
+    only let a row run to its token limit; the answer is cut from the whole decode either way
+    (:func:`generation_text`)."""
+    window = _STOP_WINDOW * max(map(len, until)) + 2
+    if len(ids) <= window:
+        text = tok.decode(ids, skip_special_tokens=True)
+        return any(u in text for u in until)
+    tail = tok.decode(ids[-window:], skip_special_tokens=True)
+    if not any(u in tail for u in until):
+        return False
+    text = tok.decode(ids, skip_special_tokens=True)
+    return any(u in text for u in until)
+
+
+def _select_rows(past, sel: torch.Tensor) -> bool:
+    """Keep only the batch rows ``sel`` of a KV cache in place; False when the cache cannot."""
+    reorder = getattr(past, "reorder_cache", None)
+    if reorder is None:
+        return False
+    reorder(sel)
+    return True
