@@ -175,6 +175,7 @@ def plot(rows: list[dict], path: Path, n: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from evomerge.search.report import save_figure
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     style = {"model": ("o", "0.55", "single models"), "merge": ("o", "tab:red", "merges"),
@@ -192,12 +193,7 @@ def plot(rows: list[dict], path: Path, n: int) -> None:
     ax.set_title("merge or ensemble? demo zoo, held-out")
     ax.set_xlim(0.5, max(r["cost"]["read"] for r in rows) + 1.5)  # room for the labels
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

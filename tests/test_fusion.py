@@ -24,7 +24,6 @@ from evomerge.fusion import (
     score_suite,
 )
 from evomerge.fusion.cost import read_params
-from evomerge.fusion.hf_tokens import HFTokenLM
 from evomerge.fusion.logit import LogitEnsembleLM
 from evomerge.fusion.panel import Member, PanelLM
 from evomerge.fusion.sources import check_shared_vocab, clear_loaded
@@ -182,7 +181,7 @@ def test_panel_returns_the_answer_the_panel_finds_most_likely(zoo):
     models = [load_model(zoo[k])[0] for k in ("a", "b", "c")]
     tok = load_model(zoo["a"])[1]
     singles = [HFLM(m, tok, 8, None) for m in models]
-    lms = [HFTokenLM(m, tok, 8, None) for m in models]
+    lms = [HFLM(m, tok, 8, None) for m in models]
     members = [Member(k, (lambda lm=lm: lm)) for k, lm in zip("abc", lms)]
     panel = PanelLM(members, tok)
     judged = PanelLM(members[:2], tok, judges=[members[2]])
@@ -213,7 +212,7 @@ def test_panel_of_one_model_is_that_model(zoo, suite):
     plain = Scorer(suite, "search", batch_size=3).score(model, tok)
     for name, t in plain.tasks.items():
         assert fused.tasks[name].score == pytest.approx(t.score, abs=1e-6), name
-    lm = HFTokenLM(model, tok, 3, None)
+    lm = HFLM(model, tok, 3, None)
     ids = lm.generate_tokens([(_ids(tok, p), 6, ["z"]) for p in PROMPTS])
     assert [generation_text(tok, i, tok.eos_token_id, ("z",)) for i in ids] == HFLM(model, tok, 3, None).generate(
         PROMPTS, 6, ("z",))
@@ -238,7 +237,7 @@ def test_cost_figures_match_hand_computed_values(zoo, suite):
     items = gen_only.tasks[0].splits["search"]
     passes = base = calls = 0.0
     for it in items:
-        outs = [HFTokenLM(sources.models[r], tok, 8, None).generate_tokens([(_ids(tok, it.prompt), 6, ["z"])])[0]
+        outs = [HFLM(sources.models[r], tok, 8, None).generate_tokens([(_ids(tok, it.prompt), 6, ["z"])])[0]
                 for r in three]
         texts = {generation_text(tok, o, tok.eos_token_id, ("z",)) for o in outs} - {""}
         passes += sum(map(len, outs)) + 3 * len(texts)

@@ -14,7 +14,6 @@ from evomerge.evaluate import load_model
 from evomerge.evaluate.backends.hf import HFLM
 from evomerge.fusion import FusionBackend, load_sources, parse_fusion, score_suite
 from evomerge.fusion.endpoint import Endpoint
-from evomerge.fusion.hf_tokens import HFTokenLM
 from evomerge.fusion.prompts import INSTRUCTION, chat_messages, plain_prompt
 from evomerge.fusion.server import ModelServer
 from evomerge.fusion.sources import clear_loaded
@@ -57,7 +56,7 @@ def test_layers_feed_the_next_layer_and_calls_are_counted(agents):
     lm = FusionBackend().lm(sources)
     got = lm.generate(PROMPTS, 6, ("z",))
     hf = {k: HFLM(sources.models[agents[k]], sources.tokenizer, 8, None) for k in ("a", "b")}
-    steps = {k: HFTokenLM(sources.models[agents[k]], sources.tokenizer, 8, None) for k in ("a", "b")}
+    steps = {k: HFLM(sources.models[agents[k]], sources.tokenizer, 8, None) for k in ("a", "b")}
     passes = base = 0
     for q, p in enumerate(PROMPTS):
         layer1 = [hf["a"].generate([p], 4, ("z",))[0], hf["b"].generate([p], 4, ("z",))[0]]
@@ -117,7 +116,7 @@ def test_moa_with_a_remote_agent_on_a_local_openai_server(agents, tmp_path):
         (text, n), = ep.complete([("r:abc=", 6, ["z"])])
         assert text == HFLM(model_b, tok, 8, None).generate(["r:abc="], 6, ("z",))[0]
         ids = [tok.bos_token_id] + tok.encode("r:abc=", add_special_tokens=False)
-        assert n == len(HFTokenLM(model_b, tok, 8, None).generate_tokens([(ids, 6, ["z"])])[0])
+        assert n == len(HFLM(model_b, tok, 8, None).generate_tokens([(ids, 6, ["z"])])[0])
         with pytest.raises(EvalError, match=r"HTTP 404 the model 'other' does not exist"):
             Endpoint(srv.url, "other").complete([([{"role": "user", "content": "x"}], 2, [])])
         with pytest.raises(EvalError, match="temperature must be 0"):

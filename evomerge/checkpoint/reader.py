@@ -253,6 +253,22 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
+    def parameter_counts(self) -> tuple[tuple[int, ...], int, int]:
+        """(parameters per layer, parameters outside the layers but the input embedding, the input
+        embedding's parameters), from the headers (no weights read)."""
+        layers = [0] * self.num_layers
+        other = embedding = 0
+        for name in self.names:
+            n = math.prod(self.shape(name))
+            parts = split_layer_name(name)
+            if parts is not None and parts[1] < self.num_layers:
+                layers[parts[1]] += n
+            elif name == self.embedding_name:
+                embedding += n
+            else:
+                other += n
+        return tuple(layers), other, embedding
+
     def dtype(self, name: str) -> torch.dtype:
         return self._entry(name).dtype
 

@@ -158,22 +158,31 @@ def _flag(where: str) -> str:
     return "--vllm-option " + where[len("vllm."):] if where.startswith("vllm.") else where
 
 
+def scoring_options(limit: int | None, batch_size: int | None, backend: str,
+                    vllm_options: list[str] | dict | None) -> dict:
+    """The checked backend options of an ``evomerge eval`` run; EvalError naming the flag otherwise."""
+    from evomerge.evaluate.backends import backend_problems
+
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EvalError(f"{flag} must be a whole number >= 1, got {value!r}")
+    options = parse_vllm_options(vllm_options)
+    problems = backend_problems(backend, options or None, "--backend")
+    if problems:
+        raise EvalError("; ".join(f"{_flag(p.where)}: {p.message}"
+                                  + (f" (fix: {p.hint})" if p.hint else "") for p in problems))
+    return options
+
+
 def eval_command(model_dir: str, suite_paths: list[str], split: str = "search", limit: int | None = None,
                  device: str = "cpu", batch_size: int = 64, out=None, backend: str = "hf",
                  vllm_options: list[str] | dict | None = None) -> int:
     """What ``evomerge eval`` runs. Returns the exit status (2 on any EvomergeError, message on stderr)."""
-    from evomerge.evaluate.backends import backend_problems, make_backend
+    from evomerge.evaluate.backends import make_backend
 
     scoring = None
     try:
-        for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise EvalError(f"{flag} must be a whole number >= 1, got {value!r}")
-        options = parse_vllm_options(vllm_options)
-        problems = backend_problems(backend, options or None, "--backend")
-        if problems:
-            raise EvalError("; ".join(f"{_flag(p.where)}: {p.message}"
-                                      + (f" (fix: {p.hint})" if p.hint else "") for p in problems))
+        options = scoring_options(limit, batch_size, backend, vllm_options)
         suites = [load_suite(p) for p in suite_paths]
         model, tok = load_model(model_dir, device)
         scoring = make_backend(backend, options, device)

@@ -24,7 +24,7 @@ from typing import Any
 
 from evomerge.errors import EvalError
 from evomerge.fusion.cost import CostMeter
-from evomerge.fusion.hf_tokens import HFTokenLM
+from evomerge.evaluate.backends.hf import HFLM
 from evomerge.fusion.logit import LogitEnsembleLM, normalized_weights
 from evomerge.fusion.moa import MoALM, make_agents
 from evomerge.fusion.panel import Member, PanelLM
@@ -77,7 +77,7 @@ class FusionBackend:
     def _member(self, sources: FusedSources, ref: str, batch_size: int, device) -> Member:
         model, tok = sources.models[ref], sources.tokenizers.get(ref, sources.tokenizer)
         if self.inner_name == "hf":
-            lm = HFTokenLM(model, tok, batch_size, device)
+            lm = HFLM(model, tok, batch_size, device)
             return Member(ref, lambda: lm, sources.relative_size(ref), lm.max_len)
         inner = self.inner
         # the engine's context: the model's, or the max_model_len option when smaller

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from evomerge.errors import ConfigError, EvalError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 ENSEMBLES = ("logit", "panel", "moa")
 
@@ -72,21 +72,15 @@ def ensemble_eval_command(models: list[str], suite_paths: list[str], method: str
                           backend: str = "hf", vllm_options: list[str] | dict | None = None, out=None) -> int:
     """What ``evomerge eval --ensemble`` runs; the exit status (2 on any EvomergeError, message on stderr)."""
     from evomerge.evaluate import format_results, load_suite
-    from evomerge.evaluate.backends import backend_problems, make_backend
-    from evomerge.evaluate.cli import parse_vllm_options
+    from evomerge.evaluate.backends import make_backend
+    from evomerge.evaluate.cli import scoring_options
     from evomerge.fusion.backend import FusionBackend
     from evomerge.fusion.evaluate import score_suite
     from evomerge.fusion.sources import load_sources
 
     fused = None
     try:
-        for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise EvalError(f"{flag} must be a whole number >= 1, got {value!r}")
-        options = parse_vllm_options(vllm_options)
-        problems = backend_problems(backend, options or None, "--backend")
-        if problems:
-            raise EvalError("; ".join(str(p) for p in problems))
+        options = scoring_options(limit, batch_size, backend, vllm_options)
         recipe = build_recipe(method, models, weights=weights, judge=judge, normalize=normalize,
                               moa_config=moa_config, recipe_path=recipe_path)
         suites = [load_suite(p) for p in suite_paths]

@@ -104,21 +104,12 @@ def read_params(model) -> int:
 def checkpoint_read(ref: str) -> tuple[tuple[int, ...], int]:
     """(per-layer parameter counts, parameters outside the layers that a token reads) of the
     checkpoint at ``ref``, from its headers (no weights read)."""
-    from evomerge.checkpoint import Checkpoint, split_layer_name
+    from evomerge.checkpoint import Checkpoint
 
     ck = Checkpoint.open(ref)
-    layers = [0] * ck.num_layers
-    other = 0
-    for name in ck.names:
-        n = 1
-        for s in ck.shape(name):
-            n *= s
-        parts = split_layer_name(name)
-        if parts is not None and parts[1] < ck.num_layers:
-            layers[parts[1]] += n
-        elif name != "model.embed_tokens.weight" or ck.tie_word_embeddings:
-            other += n
-    return tuple(layers), other
+    layers, other, embedding = ck.parameter_counts()
+    # a token reads one row of the input embedding; a tied embedding is also the whole LM head
+    return layers, other + (embedding if ck.tie_word_embeddings else 0)
 
 
 def merge_cost(recipe) -> dict[str, float]:

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 
 from evomerge.errors import EvalError
-from evomerge.fusion.hf_tokens import HFTokenLM
+from evomerge.evaluate.backends.hf import HFLM
 
 
 def normalized_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -80,7 +80,7 @@ class EnsembleModel(torch.nn.Module):
         return SimpleNamespace(logits=logp, past_key_values=caches if use_cache else None)
 
 
-class LogitEnsembleLM(HFTokenLM):
+class LogitEnsembleLM(HFLM):
     """The scoring primitives (``loglik``, ``generate``, ``generate_requests``, ``loglik_tokens``,
     ``generate_tokens``) of the log-linear pool of ``models``, through the ``hf`` backend's code."""
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import EvalError
-from evomerge.evaluate.backends.hf import generation_text
+from evomerge.evaluate.backends.hf import generate_texts, generation_text
 from evomerge.fusion.cost import CostMeter
 
 
@@ -81,14 +81,7 @@ class PanelLM:
     def generate_requests(self, reqs: list[tuple[str, int, tuple[str, ...]]]) -> list[str]:
         """Answers to (prompt, max new tokens, stop strings): the same prompt ids and finishing as the
         backends (BOS, the text without special tokens, its last ``max_len - max_new`` tokens)."""
-        token_reqs = []
-        for prompt, max_new, until in reqs:
-            ids = (self.prefix + self.encode(prompt))[-max(1, self.max_len - max_new):]
-            if not ids:
-                raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
-            token_reqs.append((ids, max_new, list(until)))
-        return [generation_text(self.tok, ids, self.eos, until)
-                for ids, (_, _, until) in zip(self.generate_tokens(token_reqs), reqs)]
+        return generate_texts(self, reqs)
 
     def generate_tokens(self, reqs: list[tuple[list[int], int, list[str]]]) -> list[list[int]]:
         """The chosen member's generated ids per request (prompt ids used as given)."""

@@ -23,8 +23,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from evomerge.evaluate.backends.hf import generation_text
-from evomerge.fusion.hf_tokens import HFTokenLM
+from evomerge.evaluate.backends.hf import HFLM, generation_text
 from evomerge.fusion.prompts import chat_ids, text_ids
 
 
@@ -39,7 +38,7 @@ class ModelServer:
     background thread between :meth:`start` and :meth:`stop` (or as a context manager)."""
 
     def __init__(self, model, tokenizer, *, name: str = "local", host: str = "127.0.0.1", port: int = 0):
-        self.lm = HFTokenLM(model, tokenizer, 16, None)
+        self.lm = HFLM(model, tokenizer, 16, None)
         self.tok, self.name = tokenizer, name
         self.lock = threading.Lock()
         self.requests = 0

@@ -87,22 +87,12 @@ class ModelSize:
 def model_size(ref: str, ck=None) -> ModelSize:
     """Parameter counts of a checkpoint, from its safetensors headers (no weights read); ``ck``: the
     checkpoint of ``ref`` when already open."""
-    from evomerge.checkpoint import Checkpoint, split_layer_name
+    from evomerge.checkpoint import Checkpoint
 
     if ck is None:
         ck = Checkpoint.open(ref)
-    layers = [0] * ck.num_layers
-    other = 0
-    for name in ck.names:
-        n = 1
-        for s in ck.shape(name):
-            n *= s
-        parts = split_layer_name(name)
-        if parts is not None and parts[1] < ck.num_layers:
-            layers[parts[1]] += n
-        else:
-            other += n
-    return ModelSize(str(ref), ck.model_type, ck.num_layers, tuple(layers), other)
+    layers, other, embedding = ck.parameter_counts()
+    return ModelSize(str(ref), ck.model_type, ck.num_layers, layers, other + embedding)
 
 
 def candidate_costs(recipe: Recipe) -> dict[str, float]:

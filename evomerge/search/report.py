@@ -171,6 +171,13 @@ def plot(study, objectives: list[Objective], path: Path, title: str) -> Path:
         ax.set_ylabel(f"{o.name} ({o.direction})")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -13,6 +13,8 @@ without special tokens; the ``vllm`` backend builds the same token ids, so both 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from evomerge.errors import EvalError
@@ -70,7 +72,6 @@ class HFLM:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False) if text else []
 
-    @torch.no_grad()
     def loglik(self, reqs: list[tuple[str, str]]) -> list[tuple[float, int]]:
         """(sum of log p(continuation | context), number of continuation tokens) per request."""
         seqs = []
@@ -83,68 +84,78 @@ class HFLM:
                 c, t = t[:1], t[1:]
             full = (c + t)[-(self.max_len + 1):]
             seqs.append((full, len(t) if len(t) < len(full) else len(full) - 1))
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for b in range(0, len(order), self.bs):
-                idx = order[b:b + self.bs]
-                inp = [seqs[i][0][:-1] for i in idx]
-                L = max(map(len, inp))
-                ids = torch.full((len(idx), L), self.pad, dtype=torch.long)
-                att = torch.zeros((len(idx), L), dtype=torch.long)
-                for j, s in enumerate(inp):
-                    ids[j, :len(s)] = torch.tensor(s)
-                    att[j, :len(s)] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
-                for j, i in enumerate(idx):
-                    full, nt = seqs[i]
-                    n_in = len(full) - 1
-                    lp = torch.log_softmax(logits[j, n_in - nt:n_in].float(), dim=-1)
-                    tgt = torch.tensor(full[-nt:], device=lp.device)
-                    out[i] = (lp.gather(1, tgt[:, None]).sum().item() if nt else 0.0, nt)
-        finally:
-            self.model.train(was_training)
-        return out
+        return [(total, nt) for (total, _), (_, nt) in zip(self._scored(seqs), seqs)]
+
+    def loglik_tokens(self, reqs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding yields the continuation: an
+        exact tie counts as greedy) per request of token ids, used as given (no BOS added, as
+        lm-eval tokenizes); a sequence longer than the model keeps its last ``max_len + 1`` tokens."""
+        seqs = []
+        for ctx, cont in reqs:
+            if not ctx or not cont:
+                raise EvalError("a log-likelihood request needs at least one context and one continuation token")
+            full = (list(ctx) + list(cont))[-(self.max_len + 1):]
+            seqs.append((full, min(len(cont), len(full) - 1)))
+        return self._scored(seqs)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, until: tuple[str, ...]) -> list[str]:
-        """Greedy continuations (decoded, cut at the first stop string), KV-cached, left-padded."""
-        enc = [(self.prefix + self.encode(p))[-max(1, self.max_len - max_new_tokens):] for p in prompts]
-        if any(not e for e in enc):
-            raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
-        texts = [""] * len(prompts)
-        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
+    def _scored(self, seqs: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """(sum of the log-probabilities of each sequence's last ``nt`` tokens, whether each is a
+        top-1 token) for (token ids, nt) pairs: one forward per right-padded batch, longest first."""
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+        with eval_mode(self.model):
             for b in range(0, len(order), self.bs):
                 idx = order[b:b + self.bs]
-                for i, t in zip(idx, self._greedy([enc[i] for i in idx], max_new_tokens, until)):
-                    texts[i] = t
-        finally:
-            self.model.train(was_training)
-        return texts
+                ids, att = right_padded([seqs[i][0][:-1] for i in idx], self.pad, self.device)
+                logits = self.model(input_ids=ids, attention_mask=att).logits
+                for j, i in enumerate(idx):
+                    full, nt = seqs[i]
+                    if not nt:
+                        continue
+                    n_in = len(full) - 1
+                    lp = torch.log_softmax(logits[j, n_in - nt:n_in].float(), dim=-1)
+                    got = lp.gather(1, torch.tensor(full[-nt:], device=lp.device)[:, None])[:, 0]
+                    out[i] = (got.sum().item(), bool((got >= lp.max(-1).values).all()))
+        return out
+
+    def generate(self, prompts: list[str], max_new_tokens: int, until: tuple[str, ...]) -> list[str]:
+        """Greedy continuations (decoded, cut at the first stop string), KV-cached, left-padded."""
+        return self.generate_requests([(p, max_new_tokens, until) for p in prompts])
 
     def generate_requests(self, reqs: list[tuple[str, int, tuple[str, ...]]]) -> list[str]:
         """Generations for (prompt, max_new_tokens, stop strings) requests, in order; requests with
         the same limit and stop strings are batched together."""
+        return generate_texts(self, reqs)
+
+    @torch.no_grad()
+    def generate_tokens(self, reqs: list[tuple[list[int], int, list[str] | tuple[str, ...]]]) -> list[list[int]]:
+        """The generated ids of each (prompt ids, max new tokens, stop strings) request, prompt ids used
+        as given, up to and including the EOS or the token that completed a stop string (as vLLM
+        returns them); requests with the same limit and stop strings share batches."""
+        if any(not ids for ids, _, _ in reqs):
+            raise EvalError("a generation prompt encodes to no tokens")
+        out: list[list[int]] = [[] for _ in reqs]
         groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
         for i, (_, max_new, until) in enumerate(reqs):
-            groups.setdefault((max_new, tuple(until)), []).append(i)
-        out = [""] * len(reqs)
-        for (max_new, until), idx in groups.items():
-            for i, text in zip(idx, self.generate([reqs[i][0] for i in idx], max_new, until)):
-                out[i] = text
+            groups.setdefault((int(max_new), tuple(until)), []).append(i)
+        with eval_mode(self.model):
+            for (max_new, until), members in groups.items():
+                order = sorted(members, key=lambda i: -len(reqs[i][0]))
+                for b in range(0, len(order), self.bs):
+                    idx = order[b:b + self.bs]
+                    for i, ids in zip(idx, self._greedy([list(reqs[i][0]) for i in idx], max_new, until)):
+                        out[i] = ids
         return out
 
-    def _greedy(self, batch: list[list[int]], max_new: int, until: tuple[str, ...]) -> list[str]:
+    def _greedy(self, batch: list[list[int]], max_new: int, until: tuple[str, ...]) -> list[list[int]]:
+        """Greedy ids of a left-padded batch, each row up to the token that finished it."""
         B, dev = len(batch), self.device
         step_ids, att = left_padded(batch, self.pad, dev)
         step_pos = (att.cumsum(1) - 1).clamp(min=0)
         rows: list[list[int]] = [[] for _ in range(B)]
-        live = list(range(B))  # the batch rows still generating, in the order of the model's batch
+        live = list(range(B))  # the rows in the model's batch, in its order
+        going = [True] * B  # rows still generating (a cache that cannot drop rows keeps finished ones)
         past = None
         for _ in range(max_new):
             out = self.model(input_ids=step_ids, attention_mask=att, position_ids=step_pos,
@@ -155,22 +166,59 @@ class HFLM:
             nxt = out.logits[:, -1].argmax(-1)
             keep = []
             for j, (r, t) in enumerate(zip(live, nxt.tolist())):
+                if not going[r]:
+                    continue
                 rows[r].append(t)
-                if not (t == self.eos or until and stopped(self.tok, rows[r], until)):
+                if t == self.eos or until and stopped(self.tok, rows[r], until):
+                    going[r] = False
+                else:
                     keep.append(j)
             if not keep:
                 break  # every sequence hit EOS or a stop string
-            if len(keep) < len(live):  # drop finished rows: no more work spent on them
-                sel = torch.tensor(keep, device=dev)
-                if not _select_rows(past, sel):
-                    keep = list(range(len(live)))  # a cache that cannot drop rows: finished rows run on
-                else:
-                    att, step_pos, nxt = att[sel], step_pos[sel], nxt[sel]
-            live = [live[j] for j in keep]
+            if len(keep) < len(live) and _select_rows(past, sel := torch.tensor(keep, device=dev)):
+                att, step_pos, nxt = att[sel], step_pos[sel], nxt[sel]  # no more work spent on them
+                live = [live[j] for j in keep]
             att = torch.cat([att, torch.ones((len(live), 1), dtype=att.dtype, device=dev)], 1)
             step_pos = step_pos[:, -1:] + 1
             step_ids = nxt[:, None]
-        return [generation_text(self.tok, row, self.eos, until) for row in rows]
+        return rows
+
+
+def generate_texts(lm, reqs: list[tuple[str, int, tuple[str, ...]]]) -> list[str]:
+    """Answers of ``lm`` (any LM with ``prefix``, ``encode``, ``max_len``, ``tok``, ``eos`` and
+    ``generate_tokens``) to (prompt, max new tokens, stop strings) requests: the prompt ids every
+    backend builds (BOS, the text without special tokens, its last ``max_len - max_new`` tokens)
+    and the same finishing (:func:`generation_text`)."""
+    token_reqs = []
+    for prompt, max_new, until in reqs:
+        ids = (lm.prefix + lm.encode(prompt))[-max(1, lm.max_len - max_new):]
+        if not ids:
+            raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
+        token_reqs.append((ids, max_new, list(until)))
+    return [generation_text(lm.tok, ids, lm.eos, until)
+            for ids, (_, _, until) in zip(lm.generate_tokens(token_reqs), reqs)]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block, its training flag restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def right_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input ids, attention mask)`` of token sequences right-padded with ``pad`` to one length."""
+    L = max(map(len, batch))
+    ids = torch.full((len(batch), L), pad, dtype=torch.long)
+    att = torch.zeros((len(batch), L), dtype=torch.long)
+    for j, s in enumerate(batch):
+        ids[j, :len(s)] = torch.tensor(s)
+        att[j, :len(s)] = 1
+    return ids.to(device), att.to(device)
 
 
 def left_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +255,11 @@ def stopped(tok, ids: list[int], until: tuple[str, ...]) -> bool:
 
 
 def _select_rows(past, sel: torch.Tensor) -> bool:
-    """Keep only the batch rows ``sel`` of a KV cache in place; False when the cache cannot."""
-    reorder = getattr(past, "reorder_cache", None)
-    if reorder is None:
+    """Keep only the batch rows ``sel`` of a KV cache (or of a list of caches, one per model of an
+    ensemble) in place; False when a cache cannot."""
+    caches = list(past) if isinstance(past, (list, tuple)) else [past]
+    if not all(callable(getattr(c, "reorder_cache", None)) for c in caches):
         return False
-    reorder(sel)
+    for c in caches:
+        c.reorder_cache(sel)
     return True

@@ -52,7 +52,7 @@ from typing import Any, Iterable
 import torch
 
 from evomerge.errors import EvalError, Problem
-from evomerge.evaluate.backends.hf import generation_text
+from evomerge.evaluate.backends.hf import generate_texts
 from evomerge.evaluate.backends.vllm_worker import pack
 
 EXTENSION = "evomerge.evaluate.backends.vllm_worker.EvomergeWorkerExtension"
@@ -359,14 +359,7 @@ class VllmLM:
         """Greedy generations for (prompt, max_new_tokens, stop strings) requests, all in one engine
         call (vLLM schedules them together), in order: the same token ids and the same finishing
         (cut at EOS, decoded, cut at the first stop string) as the ``hf`` backend."""
-        token_reqs = []
-        for prompt, max_new, until in reqs:
-            ids = (self.prefix + self.encode(prompt))[-max(1, self.max_len - max_new):]
-            if not ids:
-                raise EvalError("a generation prompt is empty and the tokenizer has no BOS token to start from")
-            token_reqs.append((ids, max_new, list(until)))
-        return [generation_text(self.tok, ids, self.eos, until)
-                for ids, (_, _, until) in zip(self.generate_tokens(token_reqs), reqs)]
+        return generate_texts(self, reqs)
 
     def loglik_tokens(self, reqs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding yields the continuation) per
