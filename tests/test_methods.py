@@ -435,7 +435,7 @@ def test_counting_pass_reports_a_nan_task_vector(use_native, monkeypatch):
     the reference pipeline (torch's sign() maps nan to 0, so the torch loop checks a sum taken before it)."""
     from evomerge.methods import native
     from evomerge.methods.backends import merge
-    from evomerge.methods.plan import COUNT_CHUNK, find_top_cut
+    from evomerge.methods.plan import COUNT_CHUNK, find_top_cuts
 
     if use_native and not native.available():
         pytest.skip("no C compiler for the native kernel")
@@ -443,11 +443,11 @@ def test_counting_pass_reports_a_nan_task_vector(use_native, monkeypatch):
     n = COUNT_CHUNK + 1000
     base = torch.randn(n, generator=gen(2)).to(torch.bfloat16)
     x = (base.float() + 0.01 * torch.randn(n, generator=gen(3))).to(torch.bfloat16)
-    cut = find_top_cut(x, base, n // 2)
+    cut = find_top_cuts([x], base, [(0, n // 2)])[0, n // 2]
     a = (x.float() - base.float()).abs()
     assert int(((a > cut.thr) | ((a == cut.thr) & (torch.arange(n) <= cut.last))).sum()) == n // 2
     x[n - 3] = float("nan")
-    assert find_top_cut(x, base, n // 2) is None
+    assert find_top_cuts([x], base, [(0, n // 2)]) is None
     assert merge("ties", [x, base], base, density=0.5).backend == "reference"
 
 

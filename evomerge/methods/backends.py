@@ -126,11 +126,11 @@ def run_plan(plan: TensorPlan, out: torch.Tensor, base: torch.Tensor, xs: Sequen
     ``compiled``) from flat ``base`` and the live sources ``xs`` (plan order); returns the 0-d
     all-finite flag. One launch per tie-cut segment, and eagerly on CPU ranges of :data:`CHUNK`."""
     fn = kernel("task_vector", backend)
-    chunk = CHUNK if backend == "torch" and out.device.type == "cpu" else None
+    chunk, ws = (CHUNK, {}) if backend == "torch" and out.device.type == "cpu" else (None, None)
     ok = None
     for seg in plan.segments(chunk):
         s, e = seg.start, seg.end
-        flag = fn(out[s:e], base[s:e], [x[s:e] for x in xs], plan, seg)
+        flag = fn(out[s:e], base[s:e], [x[s:e] for x in xs], plan, seg, ws)
         ok = flag if ok is None else ok & flag
     return ok if ok is not None else torch.tensor(True)
 
@@ -141,11 +141,11 @@ def run_linear(out: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[
     :data:`CHUNK` eagerly on CPU); returns the 0-d all-finite flag."""
     fn = kernel("linear", backend)
     n = out.numel()
-    chunk = CHUNK if backend == "torch" and out.device.type == "cpu" else max(n, 1)
+    chunk, ws = (CHUNK, {}) if backend == "torch" and out.device.type == "cpu" else (max(n, 1), None)
     ok = torch.tensor(True)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        ok = ok & fn(out[s:e], [x[s:e] for x in xs], weights)
+        ok = ok & fn(out[s:e], [x[s:e] for x in xs], weights, ws)
     return ok
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -267,7 +268,7 @@ def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor
     from flat ``base`` and the live sources ``xs`` (plan order), or ``None`` when native.c cannot
     compute it here. The one converter between plans and native.c: a source's top-k cut ``(thr,
     last)`` becomes the thresholds ``thr`` (entries ``<= last``) and ``next_up(thr)`` (after it)."""
-    from evomerge.methods.plan import DROP_NONE, KEEP_ALL, next_up
+    from evomerge.methods.plan import next_up
 
     if not supports(out, base, xs) or len(xs) != len(plan.sources):
         return None
@@ -280,8 +281,8 @@ def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor
               base_dtype=DTYPES[base.dtype], lam=plan.lam, norm_div=plan.norm_div, hash_start=0)
     for i, (x, src) in enumerate(zip(xs, plan.sources)):
         job.xs[i], job.x_dtype[i], job.w[i], job.div[i] = x.data_ptr(), DTYPES[x.dtype], src.weight, src.divisor
-        hi, hc = (src.keep.thr, src.keep.last) if src.keep else (KEEP_ALL, -1)
-        lo, lc = (src.drop.thr, src.drop.last) if src.drop else (DROP_NONE, -1)
+        hi, hc = (src.keep.thr, src.keep.last) if src.keep else (-1.0, -1)  # |d| >= -1: every entry
+        lo, lc = (src.drop.thr, src.drop.last) if src.drop else (math.inf, -1)  # none dropped
         job.hi[i], job.hi_up[i], job.hi_cut[i] = hi, next_up(hi), min(hc, numel)
         job.lo[i], job.lo_up[i], job.lo_cut[i] = lo, next_up(lo), min(lc, numel)
         job.key[i], job.cutoff[i] = (src.dare.key, src.dare.cutoff) if src.dare else (0, 1 << DARE_BITS)

@@ -8,12 +8,12 @@ C kernel through its one converter (:func:`evomerge.methods.native.task_vector_j
 **Top-k sets.** The ``k`` largest ``|d|`` with ties at the threshold kept in flat index order (the
 tie rule of :mod:`evomerge.methods.sparsify`) are described by a :class:`TopCut` ``(thr, last)``:
 the entries with ``|d| > thr`` and those with ``|d| == thr`` at flat index ``<= last``. For a range
-of entries that lies wholly at or before ``last`` that is ``|d| >= thr``; wholly after it,
-``|d| >= next_float32(thr)``. So a kernel compares with one scalar per source and range, and a
-tensor is cut into ranges at every ``last + 1`` (:meth:`TensorPlan.segments`): the exact set, with
-no index arithmetic in the kernel.
+of entries that lies wholly at or before ``last`` that is ``|d| >= thr`` (``|d| > `` the float32
+below ``thr``); wholly after it, ``|d| > thr``. So a kernel compares with one scalar per source and
+range, and a tensor is cut into ranges at every ``last + 1`` (:meth:`TensorPlan.segments`): the
+exact set, with no index arithmetic in the kernel.
 
-A cut is found by :func:`find_top_cut` (a sampled guess of the threshold and one counting pass, in
+A cut is found by :func:`find_top_cuts` (a sampled guess of the threshold and one counting pass, in
 the native kernel where it builds), by :func:`select_top_cut` (an exact whole-tensor selection), or
 in the resident materializer from per-source rank orders (:func:`evomerge.resident.stats.top_cut`);
 :func:`build_plan` takes any of them.
@@ -32,10 +32,6 @@ import torch
 from evomerge.methods.common import F32
 from evomerge.methods.sparsify import dare_cutoff, dare_key, keep_count, magnitude_threshold, outlier_counts
 
-KEEP_ALL = -1.0  # a segment threshold that keeps every entry (``|d| >= -1``)
-DROP_NONE = math.inf  # a drop threshold that drops nothing finite
-
-
 def next_up(v: float) -> float:
     """The smallest float32 above ``v`` (``|d| >= next_up(v)`` is ``|d| > v`` for float32 ``d``);
     ``inf`` and negative values unchanged."""
@@ -45,6 +41,15 @@ def next_up(v: float) -> float:
     return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
 
 
+def next_down(v: float) -> float:
+    """The largest float32 below ``v > 0`` (``|d| > next_down(v)`` is ``|d| >= v`` for float32 ``d``);
+    -1 for ``v = 0`` (below every magnitude, and no denormal to flush)."""
+    if v == 0:
+        return -1.0
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+
+
 @dataclass(frozen=True)
 class TopCut:
     """The top-k set of ``|d|``: ``|d| > thr``, and ``|d| == thr`` at flat index ``<= last``."""
@@ -52,10 +57,11 @@ class TopCut:
     thr: float
     last: int
 
-    def threshold(self, start: int) -> float:
-        """The scalar ``t`` with "kept iff ``|d| >= t``" for a range starting at ``start`` that does
-        not contain ``last + 1`` past its first entry (see :meth:`TensorPlan.segments`)."""
-        return self.thr if start <= self.last else next_up(self.thr)
+    def above(self, start: int) -> float:
+        """The scalar ``s`` with "kept iff ``|d| > s``" over a range starting at ``start`` that does
+        not contain ``last + 1`` past its first entry (see :meth:`TensorPlan.segments`): the float32
+        below ``thr`` where ties at ``thr`` are kept, else ``thr``."""
+        return next_down(self.thr) if start <= self.last else self.thr
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,12 @@ class SourcePlan:
 @dataclass(frozen=True)
 class Segment:
     """Entries ``start .. end - 1`` of a planned tensor with the scalar thresholds of every live
-    source there: keep ``|d| >= keep[i]`` and not ``|d| >= drop[i]``."""
+    source there: keep ``|d| > keep[i]`` and drop again ``|d| > drop[i]`` (``None``: no such step)."""
 
     start: int
     end: int
-    keep: tuple[float, ...]
-    drop: tuple[float, ...]
+    keep: tuple[float | None, ...]
+    drop: tuple[float | None, ...]
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class TensorPlan:
     normalize: bool
     lam: float
     norm_div: float = 1.0
+    nonnegative: bool = False  # every live weight >= 0 (so a zero divisor means no source agrees)
 
     @property
     def mode(self) -> str:
@@ -135,8 +142,8 @@ class TensorPlan:
         if chunk:
             bounds |= set(range(0, self.numel, chunk))
         edges = sorted(bounds)
-        return [Segment(s, e, tuple(src.keep.threshold(s) if src.keep else KEEP_ALL for src in self.sources),
-                        tuple(src.drop.threshold(s) if src.drop else DROP_NONE for src in self.sources))
+        return [Segment(s, e, tuple(src.keep.above(s) if src.keep else None for src in self.sources),
+                        tuple(src.drop.above(s) if src.drop else None for src in self.sources))
                 for s, e in zip(edges[:-1], edges[1:])]
 
 
@@ -170,29 +177,33 @@ def live_sources(trim: str, p: dict[str, Any], numel: int) -> list[int]:
     return [i for i in range(len(p["weight"])) if source_trim(trim, p, i, numel) is not None]
 
 
+Request = tuple[int, int]  # (source, k): source's top-k set
+CutFinder = Callable[[list[Request]], "dict[Request, TopCut] | None"]
+
+
 def build_plan(trim: str, elect: bool, p: dict[str, Any], numel: int, seed: int | None,
-               top_cut: Callable[[int, int], TopCut | None]) -> TensorPlan | None:
-    """The plan of one tensor from a task-vector method's resolved parameters ``p``; ``top_cut(i, k)``
-    gives source ``i``'s top-``k`` set (``None``: it cannot, e.g. a nan task vector; then the whole
-    plan is ``None`` and the reference pipeline defines the result)."""
+               find_cuts: CutFinder) -> TensorPlan | None:
+    """The plan of one tensor from a task-vector method's resolved parameters ``p``. ``find_cuts``
+    gets every ``(source, k)`` top-k set the plan needs, in one call, and returns them (``None``:
+    it cannot, e.g. a nan task vector; the plan is then ``None`` and the reference pipeline defines
+    the result)."""
+    trims = {i: t for i in range(len(p["weight"])) if (t := source_trim(trim, p, i, numel)) is not None}
+    requests = sorted({(i, k) for i, (keep_k, drop_k, _) in trims.items() for k in (keep_k, drop_k)
+                       if k is not None})
+    cuts = find_cuts(requests) if requests else {}
+    if cuts is None:
+        return None
     rescale = bool(p.get("rescale", False))
     sources = []
-    for i, w in enumerate(p["weight"]):
-        counts = source_trim(trim, p, i, numel)
-        if counts is None:
-            continue
-        keep_k, drop_k, cutoff = counts
-        keep = top_cut(i, keep_k) if keep_k is not None else None
-        drop = top_cut(i, drop_k) if drop_k is not None else None
-        if (keep_k is not None and keep is None) or (drop_k is not None and drop is None):
-            return None
+    for i, (keep_k, drop_k, cutoff) in trims.items():
         d = p["density"][i] if "density" in p else 1.0
         divisor = d if rescale and 0.0 < d < 1.0 else 1.0
         dare = DareMask(dare_key(seed, i), cutoff) if cutoff is not None else None
-        sources.append(SourcePlan(i, w, keep, drop, dare, divisor))
+        sources.append(SourcePlan(i, p["weight"][i], cuts.get((i, keep_k)), cuts.get((i, drop_k)), dare, divisor))
     total = float(sum(p["weight"]))
     norm_div = total if not elect and p["normalize"] and abs(total) >= 1e-8 else 1.0
-    return TensorPlan(numel, tuple(sources), elect, bool(elect and p["normalize"]), p["lambda"], norm_div)
+    return TensorPlan(numel, tuple(sources), elect, bool(elect and p["normalize"]), p["lambda"], norm_div,
+                      all(s.weight >= 0 for s in sources))
 
 
 # ---------------------------------------------------------------- finding top-k cuts
@@ -221,76 +232,100 @@ def select_top_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> TopCut:
     return TopCut(float(thr), last)
 
 
-def find_top_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> TopCut | None:
-    """The top-``k`` set of ``|x - base|`` (float32, ``0 < k < numel``); ``None`` when some
-    ``|x - base|`` is nan.
+def find_top_cuts(xs: Sequence[torch.Tensor], base: torch.Tensor, requests: Sequence[Request]
+                  ) -> dict[Request, TopCut] | None:
+    """The top-``k`` set of ``|xs[i] - base|`` (float32, ``0 < k < numel``) for every ``(i, k)`` of
+    ``requests``; ``None`` when some ``|xs[i] - base|`` it reads is nan.
 
-    On CPU: a strided sample guesses the threshold ``v`` (bf16 task vectors take few distinct
-    values, so the guess is usually exact), one counting pass finds per chunk how many ``|d|`` are
-    ``> v`` and ``== v`` (``em_count`` in the native kernel, else torch), and if
-    ``#(> v) < k <= #(>= v)`` the cut is the ``(k - #(> v))``-th tie in flat order; otherwise
-    :func:`select_top_cut`. Elsewhere :func:`select_top_cut` (a top-k selection on the device).
+    On CPU: a strided sample guesses each threshold ``v`` (bf16 task vectors take few distinct
+    values, so the guess is usually exact); one counting pass finds per chunk how many ``|d|`` are
+    ``> v`` and ``== v`` (``em_count`` in the native kernel, else torch, all requests in one sweep),
+    and if ``#(> v) < k <= #(>= v)`` the cut is the ``(k - #(> v))``-th tie in flat order;
+    otherwise :func:`select_top_cut`. Elsewhere :func:`select_top_cut` (a top-k selection on the
+    device).
     """
-    xf, bf = _flat(x), _flat(base)
+    bf = _flat(base)
     n = bf.numel()
     if bf.device.type != "cpu":
-        return select_top_cut(xf, bf, k)
+        return {(i, k): select_top_cut(xs[i], bf, k) for i, k in requests}
+    flat = {i: _flat(xs[i]) for i, _ in requests}
     stride = max(1, n // _SAMPLE)
-    a = _abs_delta(xf[::stride], bf[::stride])
-    m = a.numel()
-    kk = min(m, max(1, round(k * m / n)))
-    v = float(torch.kthvalue(a, m - kk + 1).values)
-    counts = _count(xf, bf, v)
+    bs = bf[::stride].to(F32)
+    samples = {i: x[::stride].to(F32, copy=True).sub_(bs).abs_() for i, x in flat.items()}
+    guesses = []
+    for i, k in requests:
+        a = samples[i]
+        m = a.numel()
+        guesses.append(float(torch.kthvalue(a, m - min(m, max(1, round(k * m / n))) + 1).values))
+    counts = _count([flat[i] for i, _ in requests], bf, guesses)
     if counts is None:
         return None
-    gt, eq = counts
-    above, ties = int(gt.sum()), int(eq.sum())
-    if not above < k <= above + ties:
-        return select_top_cut(xf, bf, k)
-    need = k - above  # 1-based rank of the last kept tie in flat order
-    if need == ties:
-        return TopCut(v, n - 1)
+    out = {}
+    for (i, k), v, (gt, eq) in zip(requests, guesses, counts):
+        above, ties = int(gt.sum()), int(eq.sum())
+        if not above < k <= above + ties:
+            out[i, k] = select_top_cut(flat[i], bf, k)
+        elif k - above == ties:
+            out[i, k] = TopCut(v, n - 1)
+        else:
+            out[i, k] = TopCut(v, _tie_position(flat[i], bf, v, eq, k - above))
+    return out
+
+
+def _tie_position(x: torch.Tensor, b: torch.Tensor, v: float, eq: torch.Tensor, need: int) -> int:
+    """The flat index of the ``need``-th entry with ``|x - b| == v`` (``eq``: such entries per chunk)."""
     cum = eq.cumsum(0)
     j = int(torch.searchsorted(cum, need))
-    start, end = j * COUNT_CHUNK, min(n, (j + 1) * COUNT_CHUNK)
+    start, end = j * COUNT_CHUNK, min(b.numel(), (j + 1) * COUNT_CHUNK)
     need -= int(cum[j - 1]) if j > 0 else 0
     for s in range(start, end, _SCAN):  # piece by piece (small temporaries)
-        hit = _abs_delta(xf[s:min(end, s + _SCAN)], bf[s:min(end, s + _SCAN)]) == v
+        hit = _abs_delta(x[s:min(end, s + _SCAN)], b[s:min(end, s + _SCAN)]) == v
         found = int(hit.sum())
         if found >= need:
-            return TopCut(v, s + int(torch.nonzero(hit).view(-1)[need - 1]))
+            return s + int(torch.nonzero(hit).view(-1)[need - 1])
         need -= found
     raise AssertionError("the counting pass and the tie search disagree")
 
 
-def _count(xf: torch.Tensor, bf: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per chunk of :data:`COUNT_CHUNK` entries, ``(#(|d| > v), #(|d| == v))`` as int64 tensors;
-    ``None`` when some ``|d|`` is nan. The native kernel where it runs, else torch: the counts from
-    ``u = sign(|d| - v)`` by two float reductions (``sum u`` and ``u . u``, exact below 2^24 per
-    chunk), since bool reductions are several times slower on CPU."""
+def _count(xs: list[torch.Tensor], bf: torch.Tensor, vs: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per ``(xs[r], vs[r])`` and chunk of :data:`COUNT_CHUNK` entries, ``(#(|d| > v), #(|d| == v))``
+    as int64 tensors; ``None`` when some ``|d|`` is nan. The native kernel where it runs, else torch
+    in one sweep (each chunk of the base converted once): the counts from ``u = sign(|d| - v)`` by two
+    float reductions (``sum u`` and ``u . u``, exact below 2^24 per chunk), since bool reductions
+    are several times slower on CPU."""
     from evomerge.methods import native
 
-    got = native.count(xf, bf, v, COUNT_CHUNK)
-    if isinstance(got, str):  # "nan"
-        return None
-    if got is not None:
-        return torch.from_numpy(got[0]), torch.from_numpy(got[1])
+    out = []
+    for x, v in zip(xs, vs):
+        got = native.count(x, bf, v, COUNT_CHUNK)
+        if got is None:
+            break
+        if isinstance(got, str):  # "nan"
+            return None
+        out.append((torch.from_numpy(got[0]), torch.from_numpy(got[1])))
+    else:
+        return out
     n = bf.numel()
     spans = [(s, min(n, s + COUNT_CHUNK)) for s in range(0, n, COUNT_CHUNK)]
-    sums = torch.empty(len(spans), 3, dtype=torch.float64)
+    sums = torch.empty(len(xs), len(spans), 3, dtype=torch.float64)
+    bb = torch.empty(min(n, COUNT_CHUNK), dtype=F32)
+    u = torch.empty_like(bb)
     for j, (s, e) in enumerate(spans):
-        u = _abs_delta(xf[s:e], bf[s:e]).sub_(v)
-        sums[j, 2] = u.sum()  # nan iff some |d| is nan (sign() maps nan to 0)
-        u.sign_()
-        sums[j, 0] = u.sum()
-        sums[j, 1] = torch.dot(u, u)
-    if bool(torch.isnan(sums[:, 2]).any()):
+        b = bb[:e - s].copy_(bf[s:e])
+        for r, (x, v) in enumerate(zip(xs, vs)):
+            d = u[:e - s].copy_(x[s:e]).sub_(b).abs_().sub_(v)
+            sums[r, j, 2] = d.sum()  # nan iff some |d| is nan (sign() maps nan to 0)
+            d.sign_()
+            sums[r, j, 0] = d.sum()
+            sums[r, j, 1] = torch.dot(d, d)
+    if bool(torch.isnan(sums[..., 2]).any()):
         return None
-    gt = ((sums[:, 1] + sums[:, 0]) / 2).round().long()
-    lt = ((sums[:, 1] - sums[:, 0]) / 2).round().long()
-    return gt, torch.tensor([e - s for s, e in spans], dtype=torch.long) - gt - lt
+    gt = ((sums[..., 1] + sums[..., 0]) / 2).round().long()
+    lt = ((sums[..., 1] - sums[..., 0]) / 2).round().long()
+    eq = torch.tensor([e - s for s, e in spans], dtype=torch.long) - gt - lt
+    return list(zip(gt, eq))
 
 
-def top_cuts_by_counting(xs: Sequence[torch.Tensor], base: torch.Tensor) -> Callable[[int, int], TopCut | None]:
-    """``top_cut(i, k)`` for :func:`build_plan`: :func:`find_top_cut` of source ``i``."""
-    return lambda i, k: find_top_cut(xs[i], base, k)
+def top_cuts_by_counting(xs: Sequence[torch.Tensor], base: torch.Tensor) -> CutFinder:
+    """``find_cuts`` for :func:`build_plan`: :func:`find_top_cuts` of the sources ``xs``."""
+    return lambda requests: find_top_cuts(xs, base, requests)

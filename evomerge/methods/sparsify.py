@@ -205,8 +205,7 @@ def dare_mask(shape: torch.Size, density: float, key: int, device: torch.device 
         L = e - s
         xs, ts = x[:L], t[:L]
         xs.copy_(torch.add(idx[:L], start + s + key, out=wide[:L]))  # the counter, mod 2^32
-        _mix32_(xs, ts)
-        torch.lt(_lsr_(xs, 32 - DARE_BITS), cut, out=out[s:e])
+        torch.lt(dare_uniform24_(xs, ts), cut, out=out[s:e])
     return out.view(shape)
 
 
@@ -219,6 +218,11 @@ def _mix32_(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     x.bitwise_xor_(_lsr_(t.copy_(x), 16)).mul_(HASH_M1)
     x.bitwise_xor_(_lsr_(t.copy_(x), 15)).mul_(HASH_M2)
     return x.bitwise_xor_(_lsr_(t.copy_(x), 15))
+
+
+def dare_uniform24_(counter: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`dare_uniform24` in place on the int32 ``counter`` (``scratch``: an int32 tensor like it)."""
+    return _lsr_(_mix32_(counter, scratch), 32 - DARE_BITS)
 
 
 def generator_seed(generator: torch.Generator) -> int:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from evomerge.methods.kernels import compile_available, compiled
+from evomerge.methods.kernels import compile_available, compiled, finite
 
 __all__ = ["KERNELS", "compile_available", "get_kernel", "scale_copy", "slerp_merge"]
 
@@ -23,14 +23,14 @@ def slerp_merge(out: torch.Tensor, base: torch.Tensor, x: torch.Tensor, c0: torc
     caller as the reference computes them)."""
     res = torch.addcmul(base.float() * c0, x.float(), c1)  # the reference's two operations
     out.copy_(res)
-    return torch.isfinite(res).all()
+    return finite(res)
 
 
 def scale_copy(out: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x * factor`` into ``out`` (data-flow scale folding)."""
     res = x.float() * factor
     out.copy_(res)
-    return torch.isfinite(res).all()
+    return finite(res)
 
 
 KERNELS: dict[str, Callable] = {"slerp": slerp_merge, "scale": scale_copy}

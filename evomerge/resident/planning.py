@@ -5,7 +5,7 @@ becomes one :class:`Job` that names its kernel, the backend chosen for it
 * Task-vector methods (``MethodSpec.task_vector``) get a :class:`~evomerge.methods.plan.TensorPlan`.
   Magnitude cuts (TIES, breadcrumbs) come from per-(source, base) rank orders computed once
   (:mod:`evomerge.resident.stats`): the exact top-k set of any density costs a few element reads.
-  Without statistics they are found by :func:`~evomerge.methods.plan.find_top_cut`. DARE masks are
+  Without statistics they are found by :func:`~evomerge.methods.plan.find_top_cuts`. DARE masks are
   hashed inside the kernels from (seed, source, flat index): no random stream, no mask in memory.
 * Linear: its live weights; SLERP: its two coefficients (norms and dot product cached per source);
   data-flow copies: a copy or a scaled copy.
@@ -27,7 +27,7 @@ from evomerge.methods import get_method, method_names
 from evomerge.methods.backends import KernelRequest, choose_backend
 from evomerge.methods.common import resolve
 from evomerge.methods.linear import linear_weights
-from evomerge.methods.plan import TensorPlan, TopCut, build_plan, find_top_cut, live_sources
+from evomerge.methods.plan import Request, TensorPlan, TopCut, build_plan, find_top_cuts, live_sources
 from evomerge.methods.slerp import DOT_THRESHOLD, NORM_EPS
 from evomerge.resident.stats import HostValues, rank_order, top_cut
 
@@ -109,7 +109,7 @@ class Planner:
         live = [xs[i] for i in live_sources(decl.trim, p, numel)]
         refs = [(r, op.base) for r in op.inputs]
         plan = build_plan(decl.trim, decl.elect != "none", p, numel, seed,
-                          lambda i, k: self._top_cut(refs[i], xs[i], base, k))
+                          lambda requests: self._top_cuts(refs, xs, base, requests))
         if plan is None:
             return reference
         inputs = (base.view(-1), *(xs[s.index].view(-1) for s in plan.sources))
@@ -127,14 +127,19 @@ class Planner:
             hv = self._values[r] = HostValues(self.sources.host_tensor(r))
         return hv
 
-    def _top_cut(self, refs: tuple[TensorRef, TensorRef], x: torch.Tensor, base: torch.Tensor,
-                 k: int) -> TopCut | None:
+    def _top_cuts(self, refs: list[tuple[TensorRef, TensorRef]], xs: list[torch.Tensor], base: torch.Tensor,
+                  requests: list[Request]) -> dict[Request, TopCut] | None:
+        """The top-k sets of ``requests`` from the rank orders (computed on first use), or by a
+        counting pass without statistics."""
         if not self.sources.use_stats:
-            return find_top_cut(x, base, k)
-        order = self._orders.get(refs)
-        if order is None:
-            order = self._orders[refs] = rank_order(x, base)
-        return top_cut(order, self._values_of(refs[0]), self._values_of(refs[1]), k)
+            return find_top_cuts(xs, base, requests)
+        out = {}
+        for i, k in requests:
+            order = self._orders.get(refs[i])
+            if order is None:
+                order = self._orders[refs[i]] = rank_order(xs[i], base)
+            out[i, k] = top_cut(order, self._values_of(refs[i][0]), self._values_of(refs[i][1]), k)
+        return out
 
     def _slerp_job(self, name, out, x, base, src_ref, base_ref, t) -> Job:
         key = (src_ref, base_ref)
