@@ -62,6 +62,17 @@ def _stamp(*paths: Path) -> tuple:
 
 
 _TEXTS: dict[tuple, list[str]] = {}
+_DIGESTS: dict[int, tuple[list[str], str]] = {}  # id of a cached texts list -> (the list, its digest)
+
+
+def texts_digest(texts: list[str]) -> str:
+    """The SHA-256 of calibration texts (computed once per cached list)."""
+    hit = _DIGESTS.get(id(texts))
+    if hit is not None and hit[0] is texts:
+        return hit[1]
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    _DIGESTS[id(texts)] = (texts, digest)
+    return digest
 
 
 def calibration_texts(spec) -> list[str]:
@@ -167,6 +178,7 @@ def clear_memory() -> None:
     _MEM.clear()
     _LOADED.clear()
     _TEXTS.clear()
+    _DIGESTS.clear()
 
 
 def _read_stat(path: str, name: str, device: torch.device) -> torch.Tensor:
@@ -210,8 +222,8 @@ def statistics_key(ck, texts: list[str], kind: str, spec) -> str:
     settings = {"kind": kind, "max_length": spec.max_length, "version": STATS_VERSION}
     if kind == "fisher":
         settings |= {"labels": spec.label_kind, "seed": spec.seed}
-    blob = json.dumps({"model": _model_identity(ck), "texts": hashlib.sha256(
-        json.dumps(texts).encode()).hexdigest(), "settings": settings}, sort_keys=True)
+    blob = json.dumps({"model": _model_identity(ck), "texts": texts_digest(texts), "settings": settings},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -221,8 +233,9 @@ def source_statistics(ck, spec, kind: str, *, device: str = "cpu", directory: Pa
     from this process's memory, the cache folder, or computed now and cached."""
     directory = Path(directory) if directory is not None else cache_dir()
     texts = calibration_texts(spec)
-    memo = (str(Path(ck.path).resolve()), _stamp(*sorted(Path(ck.path).glob("*"))), spec.model_dump_json(), kind,
-            str(directory))
+    # keyed by the texts themselves, not by where they came from: edited data is never served stale
+    memo = (str(Path(ck.path).resolve()), _stamp(*sorted(Path(ck.path).glob("*"))), texts_digest(texts),
+            spec.model_dump_json(), kind, str(directory))
     hit = _MEM.get(memo)
     if hit is not None and hit.path.is_file():
         return replace(hit, origin="memory")

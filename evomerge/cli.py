@@ -18,6 +18,15 @@ from evomerge.errors import EvomergeError
 from evomerge.splits import SEARCH, SPLITS
 
 
+def _weight(text: str) -> float:
+    """A ``--weights`` value: a model folder after ``--weights`` would otherwise read as a bad number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (fix: give the model folders before "
+                                         f"--weights, e.g. evomerge eval A B C --ensemble logit --weights 0.5 0.3 0.2)")
+
+
 def _device(name: str) -> str:
     """``--device`` checked against this machine (cpu, cuda, cuda:N, mps); ConfigError otherwise."""
     from evomerge.checkpoint import check_device
@@ -157,7 +166,7 @@ def _register_eval(sub) -> None:
     fusion.add_argument("--ensemble", choices=["logit", "panel", "moa"], default=None,
                         help="logit: pooled next-token log-probabilities; panel: every model answers, the most "
                              "likely answer wins; moa: Mixture-of-Agents (with --moa-config)")
-    fusion.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+    fusion.add_argument("--weights", type=_weight, nargs="+", default=None, metavar="W",
                         help="logit: one weight per model (normalised; default equal)")
     fusion.add_argument("--judge", default=None, metavar="MODEL", help="panel: rank the answers by this model")
     fusion.add_argument("--normalize", action="store_true", help="panel: rank by per-token log-likelihood")

@@ -28,6 +28,7 @@ from evomerge.methods import get_method, native
 from evomerge.plan_tokenizer import TokenizerPlan, embedding_rows, plan_tokenizer, tokenizer_only_dir
 from evomerge.recipe import (DataFlowRecipe, MergeRecipe, Recipe, StackRecipe, layer_t, recipe_to_yaml,
                              resolve_param, stack_to_dataflow, tokenizer_source_model)
+from evomerge.recipe_sections import CALIBRATED_METHODS
 from evomerge.vocab import vocab_tensor_names
 
 
@@ -250,7 +251,6 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint], tok_dir: Pat
         check_compatible({r: models[r] for r in dict.fromkeys(([recipe.base] if recipe.base else [])
                                                                + [s.model for s in recipe.sources])},
                          vocab_names=vnames)
-    stats = _statistics(recipe, spec.name, models, device, vnames)
     n_out = (recipe.sources[0].layers[1] - recipe.sources[0].layers[0]) if ranged else ref.num_layers
     base_off = recipe.base_layers[0] if recipe.base_layers else 0
     if ranged:
@@ -272,6 +272,7 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint], tok_dir: Pat
     src_specs = spec.source_params()
     glob_specs = spec.global_params()
     out: list[OutputTensor] = []
+    calibrated: list[tuple[dict, tuple[TensorRef, ...]]] = []  # filled once the plan is known to be sound
     names = [n for n in _output_names(ref)
              if (split_layer_name(n) is None or split_layer_name(n)[1] < n_out)]
     ref_k = -1 if base else 0
@@ -309,8 +310,8 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint], tok_dir: Pat
         for p in glob_specs:
             v = resolve_param(recipe.params[p.name], name, t) if p.name in recipe.params else None
             glob[p.name] = p.default if v is None else v
-        if stats:
-            per_source["stats"] = [stats[r.model].ref(r.name) for r in srcs]
+        if spec.name in CALIBRATED_METHODS:
+            calibrated.append((per_source, srcs))
         vop = tp.realign.op(tuple(dict.fromkeys(r.model for r in srcs + ((base_in,) if base_in else ()))),
                             f"tensor '{name}'") if realigned else None
         op = TensorOp("merge", srcs, base_in, spec.name, per_source, glob, _seed_for(recipe.seed, name), vocab=vop)
@@ -319,6 +320,10 @@ def _plan_merge(recipe: MergeRecipe, models: dict[str, Checkpoint], tok_dir: Pat
         raise IncompatibleModelsError("the models cannot be merged as the recipe asks:\n  - "
                                       + "\n  - ".join(problems[:50])
                                       + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
+    # the statistics run the models on the calibration data (minutes): only for a plan without problems
+    stats = _statistics(recipe, spec.name, models, device, vnames)
+    for per_source, srcs in calibrated:
+        per_source["stats"] = [stats[r.model].ref(r.name) for r in srcs]
     config = copy.deepcopy(ref.config)
     if ranged:
         src_cfg = [(sources[0].config, recipe.sources[0].layers[0] + i) for i in range(n_out)]
@@ -332,14 +337,14 @@ def _statistics(recipe: MergeRecipe, method: str, models: dict[str, Checkpoint],
                 vnames: set[str]) -> dict[str, Any]:
     """Data-aware methods: each source's statistics on the recipe's calibration data (computed once,
     cached on disk; :func:`evomerge.calibration.source_statistics`)."""
-    from evomerge.recipe_sections import CALIBRATED_METHODS
-
     if method not in CALIBRATED_METHODS:
         return {}
     if vnames:
         raise IncompatibleModelsError(f"method '{method}' merges with per-source statistics, which are not realigned "
-                                      "to another vocabulary; its sources have different vocabularies (fix: merge "
-                                      "sources that share a tokenizer, or use another method)")
+                                      "to new embedding rows; the recipe's `tokenizer:` section realigns them "
+                                      "(different vocabularies, added `tokens` or `pad_to_multiple_of`) (fix: merge "
+                                      "sources that share a tokenizer without a tokenizer section, or use another "
+                                      "method)")
     from evomerge.calibration import source_statistics
 
     return {s.model: source_statistics(models[s.model], recipe.calibration, CALIBRATED_METHODS[method], device=device)
@@ -554,7 +559,7 @@ def _check_out_is_no_input(recipe: Recipe, out: Path) -> None:
 def materialize_state_dict(recipe: Recipe, *, device: str = "cpu", dtype: str | None = None,
                            models: dict[str, Checkpoint] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The merged model's config and state dict, in memory (tied lm_head left out)."""
-    plan = plan_recipe(recipe, models)
+    plan = plan_recipe(recipe, models, device=device)
     if dtype:
         plan.dtype = TORCH_DTYPES[dtype]
     return plan.config, dict(iter_tensors(plan, device))

@@ -15,7 +15,7 @@ import torch
 
 from evomerge.calibration import calibration_texts, clear_memory, source_statistics
 from evomerge.checkpoint import Checkpoint
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, MergeError
 from evomerge.materialize import materialize_state_dict, merge_to_disk, plan_recipe
 from evomerge.methods import get_method
 from evomerge.recipe import parse_recipe
@@ -112,6 +112,22 @@ def test_regmean_of_one_source_is_the_source(fam):
     src = Checkpoint.open(fam["expert1"])
     for name, t in state.items():
         assert torch.allclose(t, src.read(name).float(), atol=2e-6, rtol=1e-5), name
+
+
+def test_regmean_without_the_reduction_refuses_a_singular_gram_matrix():
+    """4 calibration tokens for 64 inputs: the Gram matrix has rank 4; with alpha 1 the solve would
+    return weights far outside the sources' range, so the merge is refused; alpha < 1 solves it."""
+    gen = torch.Generator().manual_seed(1)
+    grams = []
+    for _ in range(2):
+        x = torch.randn(4, 64, generator=gen)
+        grams.append(x.T @ x / 4)
+    ws = [torch.randn(8, 64, generator=gen) for _ in range(2)]
+    spec = get_method("regmean")
+    with pytest.raises(MergeError, match="singular"):
+        spec(ws, None, weight=[1.0, 1.0], alpha=1.0, stats=grams)
+    got = spec(ws, None, weight=[1.0, 1.0], alpha=0.9, stats=grams)
+    assert got.abs().max() <= 2 * max(w.abs().max() for w in ws)
 
 
 def test_regmean_with_equal_grams_is_the_weighted_average():

@@ -172,6 +172,14 @@ def test_logit_ensemble_refuses_other_tokenizers_and_vllm(zoo, tmp_path):
 
     with pytest.raises(EvalError, match="backend hf"):
         FusionBackend(Vllm()).lm(sources, tok)
+    # a recipe-level tokenizer encodes the prompts: it must share the models' vocabulary too
+    import shutil
+
+    odd = tmp_path / "odd_tokenizer"
+    shutil.copytree(zoo["a"], odd)
+    other.save_pretrained(odd)
+    with pytest.raises(EvalError, match=r"recipe's tokenizer.*'@'"):
+        load_sources(FusionRecipe(method="logit", models=[zoo["a"], zoo["b"]], tokenizer=str(odd)))
 
 
 # ------------------------------------------------------------------------------- panel + judge

@@ -44,6 +44,17 @@ def world(tmp_path_factory):
     return fam, str(suite)
 
 
+def test_items_that_repeat_a_question_are_carved_to_one_side():
+    from evomerge.suites import Item
+
+    items = tuple(Item(prompt=f"q{i % 7}", answers=(str(i),)) for i in range(40))  # 7 questions, asked 5-6 times
+    for fraction in (0.1, 0.25, 0.3, 0.5):
+        val = carve(items, fraction)
+        assert val and len(val) < len(items)
+        assert not {items[i].prompt for i in val} & {items[i].prompt for i in range(len(items)) if i not in val}
+    assert carve(tuple(Item(prompt="same") for _ in range(5)), 0.5) == frozenset()
+
+
 def test_validation_items_are_carved_by_content_and_apart_from_the_search_items(world):
     _, suite_path = world
     suite = load_suite(suite_path)

@@ -531,3 +531,52 @@ def test_ray_timeout_flags_reach_the_executor_arguments():
                                        "--ray-start-timeout", "11"]))
     assert (got["restart_timeout"], got["ping_timeout"], got["start_timeout"]) == (7.0, 9.0, 11.0)
     assert set(_ray_args(parser.parse_args([]))) <= set(params)
+
+
+# ------------------------------------------------------------------ Ctrl-C at the awkward moments
+
+
+@pytest.mark.parametrize("moment", ["created, not yet tracked", "told, not yet untracked"])
+def test_ctrl_c_at_any_moment_leaves_no_running_trial(tmp_path, world, monkeypatch, moment):
+    """The interrupt can land between a trial's creation in storage and the runner tracking it, or
+    between Optuna's tell and the runner forgetting it: either way no trial stays RUNNING (which a
+    later resume would mistake for a killed run's) and resume completes the budget."""
+    from evomerge.search.driver import resume_search, start_search
+    from evomerge.search.study import TrialRecords
+
+    fam, target, _ = world
+    path = space_file(tmp_path / "s.yaml", fam, target, budget={"trials": 8})
+    calls = {"n": 0}
+    if moment.startswith("created"):
+        real = TrialRecords.new_trial
+
+        def interrupted(self, **kw):
+            number = real(self, **kw)
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+            return number
+
+        monkeypatch.setattr(TrialRecords, "new_trial", interrupted)
+    else:
+        real = optuna.Study.tell
+
+        def interrupted(self, *a, **kw):
+            out = real(self, *a, **kw)
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(optuna.Study, "tell", interrupted)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        start_search(path, out, progress=False)
+    assert calls["n"] >= 6  # the interrupt came (abandon tells the rest)
+    states = [t.state for t in search_trials(load(out))]
+    assert optuna.trial.TrialState.RUNNING not in states, states
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 4
+    monkeypatch.undo()
+    assert resume_search(out, progress=False).complete
+    done = [t for t in search_trials(load(out)) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 8

@@ -113,6 +113,24 @@ def test_union_task_arithmetic_matches_the_reference(fam, tmp_path):
     assert np.abs(read64(out, name) - want).max() < 1e-6
 
 
+def test_an_edited_tokenizer_leaves_no_stale_slow_vocabulary(fam, tmp_path):
+    """A base whose folder also holds a slow tokenizer's vocab.json / merges.txt: the union edits
+    tokenizer.json, and the old vocabulary files must not ship beside it (a loader preferring them
+    would see other tokens than the merged rows)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(fam["base"], base)
+    old = vocab_of(base)
+    (base / "vocab.json").write_text(json.dumps(old))
+    (base / "merges.txt").write_text("#version: 0.2\n")
+    r = parse_recipe({"method": "task_arithmetic", "base": str(base), "tokenizer": {"source": "union"},
+                      "sources": [{"model": fam["chat"], "params": {"weight": 0.5}}]})
+    out = merge_to_disk(r, tmp_path / "out", progress=False)
+    assert not (out / "vocab.json").exists() and not (out / "merges.txt").exists()
+    assert set(vocab_of(out)) == set(old) | {"<|im_start|>", "<|im_end|>"}
+
+
 def test_token_rules_and_padding(fam, tmp_path):
     tokens = {"<tool>": {"source": {"kind": "zero"}},
               "<|im_end|>": {"source": {"kind": "model_token", "model": fam["tool"], "token": "</s>"}, "force": True},

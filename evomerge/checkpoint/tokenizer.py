@@ -20,6 +20,8 @@ from evomerge.checkpoint.oserrors import describe_os_error
 from evomerge.errors import CheckpointError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# vocabulary files of slow tokenizers, made stale by an edit of tokenizer.json
+SLOW_VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def prepare_tokenizer(dst: Path, src: Path, *, keep: int | None = None, new_tokens: Sequence = (),
@@ -40,6 +42,10 @@ def prepare_tokenizer(dst: Path, src: Path, *, keep: int | None = None, new_toke
     if keep is not None or new_tokens:
         if (dst / "tokenizer.json").is_file():
             _edit_tokenizer_json(dst, keep, new_tokens)
+            # the slow tokenizer's files still hold the old vocabulary: a loader that prefers them
+            # would see other tokens than the merged rows, so only the edited tokenizer.json stays
+            for name in SLOW_VOCAB_FILES:
+                (dst / name).unlink(missing_ok=True)
         elif keep is not None:
             raise CheckpointError(f"{src}: the tokenizer has ids past the model's embedding rows and no "
                                   f"tokenizer.json to drop them from (fix: use a tokenizer source with a tokenizer.json)")

@@ -216,7 +216,7 @@ class WeightDistanceEvaluator:
         names = subsample(self.splits[split], fidelity)
         if limit is not None:
             names = names[:limit]
-        plan = plan_recipe(recipe, self._open(recipe))
+        plan = plan_recipe(recipe, self._open(recipe), device=self.device)
         planned = {t.name: t for t in plan.tensors}
         per_group: dict[str, list[float]] = {}
         dev = torch.device(self.device)

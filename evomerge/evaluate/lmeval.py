@@ -106,7 +106,7 @@ def lmeval_score(model, tokenizer, tasks: list[str] | str, *, include_path: str 
                             f"the vllm options)")
         from evomerge.evaluate.backends.lmeval_lm import BackendLM
 
-        lm = BackendLM(backend.lm(model, tokenizer), tokenizer)
+        lm = BackendLM(backend.lm(model, tokenizer, batch_size=batch_size), tokenizer)
     t0 = time.perf_counter()
     out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, samples=samples,
                                    num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,

@@ -261,7 +261,7 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
     """The lm-eval evaluator; every problem of the mapping at once (a :class:`ConfigError`)."""
     from evomerge.evaluate.backends import backend_problems
     from evomerge.evaluate.evaluators import check_device
-    from evomerge.evaluate.suite_eval import _int
+    from evomerge.evaluate.suite_eval import int_option
 
     problems = [Problem(f"evaluation.{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(_KEYS))}")
                 for k in config if k not in _KEYS]
@@ -278,7 +278,7 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
         include_path = False  # unusable: task names are not looked up
     num_fewshot = config.get("num_fewshot")
     if num_fewshot is not None:
-        num_fewshot = _int(config, "num_fewshot", 0, 0, problems)
+        num_fewshot = int_option(config, "num_fewshot", 0, 0, problems)
     chat = config.get("apply_chat_template", False)
     if not isinstance(chat, bool):
         problems.append(Problem("evaluation.apply_chat_template", f"expected true or false, got {chat!r}"))
@@ -286,8 +286,8 @@ def _lmeval_factory(config: dict[str, Any]) -> LmEvalEvaluator:
         if config.get(key) is not None and not isinstance(config[key], dict):
             problems.append(Problem(f"evaluation.{key}", f"expected a mapping, got {config[key]!r}",
                                     "e.g. {max_gen_toks: 16}" if key == "gen_kwargs" else "e.g. {max_length: 512}"))
-    batch_size = _int(config, "batch_size", 8, 1, problems)
-    seed = _int(config, "seed", 0, 0, problems)
+    batch_size = int_option(config, "batch_size", 8, 1, problems)
+    seed = int_option(config, "seed", 0, 0, problems)
     held_out = config.get("held_out", 0.3)
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 < held_out < 1:
         problems.append(Problem("evaluation.held_out", f"expected a fraction strictly between 0 and 1, got {held_out!r}",

@@ -105,7 +105,8 @@ class ResidentModels:
         """The reference kernels, tensor by tensor, written into a reused model on the device."""
         from evomerge.materialize import plan_recipe
 
-        plan = plan_recipe(recipe, {r: self._held[r] for r in model_refs(recipe) if r in self._held})
+        plan = plan_recipe(recipe, {r: self._held[r] for r in model_refs(recipe) if r in self._held},
+                           device=str(self.device))
         model = self._model_for(plan.config, plan.dtype)
         state = model.state_dict()
         with torch.no_grad():

@@ -150,8 +150,9 @@ class SuiteEvaluator:
         if res is None:
             model = self.model(recipe)
             tok = self._tokenizer(tokenizer_model(recipe))
-            lm = self.backend.lm(model, tok, batch_size=self.batch_size, device=self.device)
-            results = once_more_on_engine_failure(lambda: score_tasks(lm, work))
+            # the LM is made inside the retry: a failed engine is closed and the retry needs a fresh one
+            results = once_more_on_engine_failure(lambda: score_tasks(
+                self.backend.lm(model, tok, batch_size=self.batch_size, device=self.device), work))
             combined, cse = combine(results)
             res = SuiteResult(suite=view.suite.name, split=split, limit=None, seed=self.seed, tasks=results,
                               combined=combined, combined_stderr=cse, seconds=time.perf_counter() - start)
@@ -222,7 +223,7 @@ def materialize_model(recipe: Recipe, *, device: str = "cpu", dtype: str | None 
     return model.eval()
 
 
-def _int(config: dict[str, Any], key: str, default: int, low: int, problems: list[Problem]) -> int:
+def int_option(config: dict[str, Any], key: str, default: int, low: int, problems: list[Problem]) -> int:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         problems.append(Problem(f"evaluation.{key}", f"expected a whole number >= {low}, got {value!r}"))
@@ -248,8 +249,8 @@ def suite_evaluator(config: dict[str, Any]) -> SuiteEvaluator:
         problems.append(Problem("evaluation.suite", f"suite file {suite} "
                                 + ("is a folder" if Path(suite).is_dir() else "does not exist"),
                                 "give the path of a task suite YAML (e.g. evals/zoo_demo.yaml)"))
-    batch_size = _int(config, "batch_size", 64, 1, problems)
-    seed = _int(config, "seed", 0, 0, problems)
+    batch_size = int_option(config, "batch_size", 64, 1, problems)
+    seed = int_option(config, "seed", 0, 0, problems)
     if "device" in config:
         problems += check_device(config["device"], "evaluation.device")
     dtype = config.get("dtype")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvalError, EvomergeError
 
 ENSEMBLES = ("logit", "panel", "moa")
 
@@ -36,9 +36,9 @@ def build_recipe(method: str | None, models: list[str], *, weights: list[float] 
     from evomerge.io_utils import load_yaml_file
 
     if recipe_path is not None:
-        if models or method or weights or judge or moa_config:
+        if models or method or weights or judge or normalize or moa_config:
             raise ConfigError("--fusion-recipe gives the models and the method; drop the models and the --ensemble, "
-                              "--weights, --judge and --moa-config flags", source="evomerge eval")
+                              "--weights, --judge, --normalize and --moa-config flags", source="evomerge eval")
         return parse_fusion(load_yaml_file(recipe_path, "fusion recipe"), source=recipe_path)
     data: dict[str, Any] = {"method": method, "models": list(models)}
     if weights is not None:
@@ -51,9 +51,10 @@ def build_recipe(method: str | None, models: list[str], *, weights: list[float] 
         if moa_config is None and not models:
             raise ConfigError("--ensemble moa needs --moa-config (agents, layers, aggregator) or models to use as "
                               "agents", source="evomerge eval")
-        cfg = load_moa_config(moa_config, default_models=list(models)) if moa_config else None
-        data = {"method": "moa", "models": list(models)} if cfg is None else \
-            {"method": "moa", "moa": cfg.model_dump(exclude_none=True)}
+        if moa_config:  # the flags other than the models stay, so that the check names them
+            cfg = load_moa_config(moa_config, default_models=list(models))
+            del data["models"]
+            data["moa"] = cfg.model_dump(exclude_none=True)
     elif moa_config is not None:
         raise ConfigError("--moa-config applies to --ensemble moa only", source="evomerge eval")
     flag = {"models": "the models", "weights": "--weights", "judge": "--judge", "normalize": "--normalize",
@@ -74,8 +75,8 @@ def ensemble_eval_command(models: list[str], suite_paths: list[str], method: str
     from evomerge.evaluate import format_results, load_suite
     from evomerge.evaluate.backends import make_backend
     from evomerge.evaluate.cli import scoring_options
-    from evomerge.fusion.backend import FusionBackend
-    from evomerge.fusion.evaluate import score_suite
+    from evomerge.fusion.backend import LOGIT_ON_VLLM, FusionBackend
+    from evomerge.fusion.evaluate import check_generation_only, score_suite
     from evomerge.fusion.sources import load_sources
 
     fused = None
@@ -84,6 +85,11 @@ def ensemble_eval_command(models: list[str], suite_paths: list[str], method: str
         recipe = build_recipe(method, models, weights=weights, judge=judge, normalize=normalize,
                               moa_config=moa_config, recipe_path=recipe_path)
         suites = [load_suite(p) for p in suite_paths]
+        # what the recipe cannot score is refused before any model is loaded
+        if recipe.method == "logit" and backend != "hf":
+            raise EvalError(LOGIT_ON_VLLM)
+        for s in suites:
+            check_generation_only(recipe, [(t.name, t.kind) for t in s.tasks])
         sources = load_sources(recipe, device=device)
         fused = FusionBackend(make_backend(backend, options, device) if backend != "hf" else None, owns_inner=True)
         results, costs = [], []

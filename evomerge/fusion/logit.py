@@ -58,9 +58,12 @@ class EnsembleModel(torch.nn.Module):
         super().__init__()
         if not models:
             raise EvalError("a logit ensemble needs at least one model")
-        self.members = torch.nn.ModuleList(models)
-        self.weights = normalized_weights(weights, len(models))
-        limits = [int(getattr(m.config, "max_position_embeddings", 0) or 0) or 10**9 for m in models]
+        weights = normalized_weights(weights, len(models))
+        # a zero weight adds nothing: such a source is left out (not run, no cache, no context limit)
+        kept = [(m, w) for m, w in zip(models, weights) if w > 0]
+        self.members = torch.nn.ModuleList([m for m, _ in kept])
+        self.weights = [w for _, w in kept]
+        limits = [int(getattr(m.config, "max_position_embeddings", 0) or 0) or 10**9 for m in self.members]
         self.config = SimpleNamespace(max_position_embeddings=min(limits))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
@@ -68,14 +71,11 @@ class EnsembleModel(torch.nn.Module):
         mixed = None
         caches = []
         for i, (m, w) in enumerate(zip(self.members, self.weights)):
-            if w == 0.0:  # a zero weight adds nothing: the source is not run at all
-                caches.append(None)
-                continue
             out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=None if past_key_values is None else past_key_values[i], use_cache=use_cache)
             caches.append(out.past_key_values if use_cache else None)
-            lp = torch.log_softmax(out.logits.float(), dim=-1)
-            mixed = lp * w if mixed is None else mixed.add_(lp, alpha=w)
+            lp = torch.log_softmax(out.logits, dim=-1, dtype=torch.float32)
+            mixed = lp.mul_(w) if mixed is None else mixed.add_(lp, alpha=w)
         logp = mixed - torch.logsumexp(mixed, dim=-1, keepdim=True)
         return SimpleNamespace(logits=logp, past_key_values=caches if use_cache else None)
 

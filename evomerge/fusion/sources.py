@@ -11,12 +11,10 @@ read each model once.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from evomerge.dtypes import DTYPES
 from evomerge.errors import EvalError
@@ -56,25 +54,10 @@ class FusedSources:
     sizes: dict[str, int] = field(default_factory=dict)
     tokenizers: dict[str, Any] = field(default_factory=dict)
 
-    def model(self, ref: str):
-        return self.models[ref]
-
     def relative_size(self, ref: str) -> float:
         """``ref``'s size over the first source's (1 when either is remote)."""
         first = next(iter(self.sizes.values()), None)
         return self.sizes[ref] / first if ref in self.sizes and first else 1.0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every local model's tensors (prefixed by its position) and the recipe's hash as bytes,
-        so :func:`evomerge.evaluate.weights_fingerprint` keys a score cache by both."""
-        from evomerge.recipe import recipe_hash
-
-        out = {}
-        for i, m in enumerate(self.models.values()):
-            out.update({f"{i}.{k}": v for k, v in m.state_dict().items()})
-        out["recipe"] = torch.frombuffer(bytearray(hashlib.sha256(recipe_hash(self.recipe).encode()).digest()),
-                                         dtype=torch.uint8)
-        return out
 
 
 def load_sources(recipe: FusionRecipe, *, device: str = "cpu", dtype: str | None = None) -> FusedSources:
@@ -92,11 +75,15 @@ def load_sources(recipe: FusionRecipe, *, device: str = "cpu", dtype: str | None
         tokenizer = load_tokenizer(recipe.tokenizer)
     elif toks:
         tokenizer = next(iter(toks.values()))
-    if recipe.method == "logit":
-        check_shared_vocab({ref: (models[ref], toks[ref]) for ref in recipe.models}, "logit ensemble")
-    elif recipe.method == "panel":
-        check_shared_vocab({ref: (models[ref], toks[ref]) for ref in recipe.local_refs()}, "panel",
-                           logits=False)
+    if recipe.method in ("logit", "panel"):
+        # the prompts are encoded with ``tokenizer``: it must share the models' vocabulary too
+        members = {ref: (models[ref], toks[ref]) for ref in
+                   (recipe.models if recipe.method == "logit" else recipe.local_refs())}
+        if recipe.tokenizer and recipe.tokenizer not in members:
+            first = next(iter(members.values()))[0]
+            members = {**members, f"{recipe.tokenizer} (the recipe's tokenizer)": (first, tokenizer)}
+        check_shared_vocab(members, "logit ensemble" if recipe.method == "logit" else "panel",
+                           logits=recipe.method == "logit")
     return FusedSources(recipe, models, tokenizer, {ref: read_params(m) for ref, m in models.items()}, toks)
 
 

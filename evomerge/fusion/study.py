@@ -79,14 +79,18 @@ class FusionAware:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def evaluate(self, recipe, *, split: str, fidelity: float = 1.0, limit: int | None = None, **kw):
+    def evaluate(self, recipe, *, split: str, fidelity: float = 1.0, limit: int | None = None,
+                 bar: dict | None = None, items: dict | None = None):
+        """The wrapped evaluator's outcome; ``bar`` and ``items`` (early stop, chosen items) are
+        declared, so the workers pass them on (they look at the signature), and apply to merges."""
         if is_fusion(recipe):
             from evomerge.fusion.evaluate import evaluate_fusion
 
             return evaluate_fusion(self.inner, recipe, split=split, fidelity=fidelity, limit=limit)
+        kw = {k: v for k, v in (("bar", bar), ("items", items)) if v is not None}
         outcome = self.inner.evaluate(recipe, split=split, fidelity=fidelity, limit=limit, **kw)
         if not getattr(outcome, "cost", None):
-            outcome.cost = merge_cost(recipe)
+            outcome.cost = candidate_cost(recipe)  # a merge's cost, empty when its headers cannot be read
         return outcome
 
 

@@ -32,9 +32,8 @@ def fisher(tensors, base=None, *, generator=None, weight, epsilon, stats=None):
     """
     device = tensors[0].device
     fishers = [stat_tensor(s, device) for s in (stats or [None] * len(tensors))]
-    plain = weighted_mean(tensors, list(weight), "fisher")
     if any(f is None for f in fishers):
-        return plain
+        return weighted_mean(tensors, list(weight), "fisher")
     num = torch.zeros(tensors[0].shape, dtype=torch.float32, device=device)
     den = torch.zeros_like(num)
     for x, f, w in zip(tensors, fishers, weight):
@@ -43,4 +42,8 @@ def fisher(tensors, base=None, *, generator=None, weight, epsilon, stats=None):
         fw = f.float().clamp_min(epsilon).mul_(w)
         num.addcmul_(fw, x.float())
         den.add_(fw)
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), plain)
+    if bool((den > 0).all()):
+        return num.div_(den)
+    # entries no source has Fisher mass for (epsilon 0): their weighted average
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       weighted_mean(tensors, list(weight), "fisher"))

@@ -67,7 +67,7 @@ class TopCut:
 @dataclass(frozen=True)
 class DareMask:
     """DARE's counter-based mask of one source: keep entry ``j`` when
-    ``dare_uniform24((j + key) mod 2^32) < cutoff`` (:mod:`evomerge.methods.sparsify`)."""
+    ``dare_uniform24_((j + key) mod 2^32) < cutoff`` (:mod:`evomerge.methods.sparsify`)."""
 
     key: int
     cutoff: int

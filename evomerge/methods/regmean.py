@@ -9,8 +9,9 @@ from evomerge.methods.registry import ParamSpec, register_method
 
 WEIGHT = ParamSpec("weight", "source", 1.0, low=0.0, search_low=0.0, search_high=1.0,
                    doc="weight of this source's Gram matrix (and of its parameters in the plain averages)")
-ALPHA = ParamSpec("alpha", "global", 0.9, low=0.0, high=1.0, search_low=0.0, search_high=1.0,
-                  doc="scale of the Gram matrices' off-diagonal entries (the paper's reduction; 1: none)")
+ALPHA = ParamSpec("alpha", "global", 0.9, low=0.0, high=1.0, search_low=0.0, search_high=0.95,
+                  doc="scale of the Gram matrices' off-diagonal entries (the paper's reduction; 1: none, "
+                      "solvable only when the calibration data spans every input direction)")
 
 
 def stat_tensor(value, device: torch.device) -> torch.Tensor | None:
@@ -22,16 +23,14 @@ def stat_tensor(value, device: torch.device) -> torch.Tensor | None:
 
 
 def weighted_mean(tensors, weights: list[float], what: str) -> torch.Tensor:
-    """``sum_i w_i x_i / sum_i w_i`` in float32."""
-    total = float(sum(weights))
-    if not total > 0:
+    """``sum_i w_i x_i / sum_i w_i`` in float32: the linear merge with normalized weights (its
+    kernels), for the tensors a data-aware method has no statistics for."""
+    from evomerge.methods.linear import run_linear
+
+    if not float(sum(weights)) > 0:
         raise ConfigError(Problem(f"method '{what}': params.weight", f"the weights {weights} do not sum to a "
                                   f"positive number", "give non-negative weights, at least one positive"))
-    out = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-    for x, w in zip(tensors, weights):
-        if w:
-            out.add_(x.float(), alpha=w / total)
-    return out
+    return run_linear(tensors, weight=list(weights), normalize=True).tensor
 
 
 @register_method("regmean", params=(WEIGHT, ALPHA), needs_base=False, min_sources=1)
@@ -58,11 +57,8 @@ def regmean(tensors, base=None, *, generator=None, weight, alpha, stats=None):
     """
     device = tensors[0].device
     grams = [stat_tensor(s, device) for s in (stats or [None] * len(tensors))]
-    if any(g is None for g in grams) or tensors[0].dim() != 2:
-        return weighted_mean(tensors, list(weight), "regmean")
-    total = float(sum(weight))
-    if not total > 0:
-        return weighted_mean(tensors, list(weight), "regmean")
+    if any(g is None for g in grams) or tensors[0].dim() != 2 or not float(sum(weight)) > 0:
+        return weighted_mean(tensors, list(weight), "regmean")  # (the last case: a clear error)
     a = torch.zeros_like(grams[0], dtype=torch.float64)
     b = torch.zeros((tensors[0].shape[1], tensors[0].shape[0]), dtype=torch.float64, device=device)
     for x, g, w in zip(tensors, grams, weight):
@@ -73,6 +69,13 @@ def regmean(tensors, base=None, *, generator=None, weight, alpha, stats=None):
             g = alpha * g + (1.0 - alpha) * torch.diag(torch.diagonal(g))
         a += w * g
         b += w * (g @ x.double().T)
+    if alpha == 1.0:  # without the reduction the summed Gram matrix is singular when the data spans
+        # fewer directions than the layer has inputs; rounded float32 Grams then solve to garbage
+        eig = torch.linalg.eigvalsh(a)
+        if not eig[0] > 1e-10 * eig[-1]:
+            raise MergeError(f"regmean: the summed Gram matrix of a {list(tensors[0].shape)} layer is singular "
+                             f"(condition number above 1e10): its calibration inputs span too few directions "
+                             f"(fix: alpha < 1, or more calibration data)")
     try:
         solved = torch.linalg.solve(a, b)
     except RuntimeError as e:  # torch.linalg.LinAlgError: a singular system

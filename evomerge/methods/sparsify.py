@@ -146,25 +146,6 @@ DARE_BITS = 24
 _MASK_CHUNK = 1 << 18  # entries per chunk of the reference mask (int32 temporaries stay in L2)
 
 
-def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of an int32 tensor."""
-    return (x >> s) & ((1 << (32 - s)) - 1)
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit integer hash of the DARE masks, on int32 tensors (bit patterns of uint32 values)."""
-    x = x ^ _lsr(x, 16)
-    x = x * HASH_M1
-    x = x ^ _lsr(x, 15)
-    x = x * HASH_M2
-    return x ^ _lsr(x, 15)
-
-
-def dare_uniform24(counter: torch.Tensor) -> torch.Tensor:
-    """``mix32(counter) >> 8`` (logical): 24 uniform bits per entry, as int32 in ``[0, 2^24)``."""
-    return _lsr(mix32(counter), 32 - DARE_BITS)
-
-
 def dare_cutoff(density: float) -> int:
     """Keep an entry when its 24-bit uniform is below this: ``round(density * 2^24)`` in ``[0, 2^24]``."""
     return max(0, min(1 << DARE_BITS, round(float(density) * (1 << DARE_BITS))))
@@ -210,18 +191,20 @@ def dare_mask(shape: torch.Size, density: float, key: int, device: torch.device 
 
 
 def _lsr_(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of an int32 tensor, in place (an arithmetic shift and a mask)."""
     return x.bitwise_right_shift_(s).bitwise_and_((1 << (32 - s)) - 1)
 
 
 def _mix32_(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """:func:`mix32` in place on ``x`` (``t``: a scratch tensor like ``x``); the same values."""
+    """``mix32`` (the hash above) in place on ``x`` (``t``: a scratch tensor like ``x``)."""
     x.bitwise_xor_(_lsr_(t.copy_(x), 16)).mul_(HASH_M1)
     x.bitwise_xor_(_lsr_(t.copy_(x), 15)).mul_(HASH_M2)
     return x.bitwise_xor_(_lsr_(t.copy_(x), 15))
 
 
 def dare_uniform24_(counter: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """:func:`dare_uniform24` in place on the int32 ``counter`` (``scratch``: an int32 tensor like it)."""
+    """``mix32(counter) >> 8`` (logical) in place on the int32 ``counter`` (``scratch``: an int32 tensor
+    like it): 24 uniform bits per entry, as int32 in ``[0, 2^24)``."""
     return _lsr_(_mix32_(counter, scratch), 32 - DARE_BITS)
 
 

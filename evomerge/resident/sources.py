@@ -140,7 +140,7 @@ class ResidentSources:
         if missing:
             raise MergeError(f"recipe reads models that are not resident: {', '.join(missing)}; "
                              f"resident: {', '.join(self.models)}")
-        return plan_recipe(recipe, dict(self.models))
+        return plan_recipe(recipe, dict(self.models), device=str(self.device))
 
     def model_for(self, recipe: Recipe, plan: Plan | None = None) -> torch.nn.Module:
         """A transformers causal LM on the device shaped like ``recipe``'s output, reused for every

@@ -141,3 +141,14 @@ def objective_values(objectives: list[Objective], scores: dict[str, float], reci
                 raise KeyError(f"the evaluator reported no score '{o.key}' (got: {', '.join(sorted(scores))})")
             out[o.name] = float(scores[o.key])
     return out
+
+
+def stored_trial_values(objectives: list[Objective], outcome, trial) -> dict[str, float]:
+    """Objective values of a re-score (validation, held-out) of a stored trial: its evaluator
+    ``outcome`` (scores and the measured cost) and the recipe stored with it."""
+    import yaml
+
+    from evomerge.recipe import parse_recipe
+
+    return objective_values(objectives, outcome.scores, parse_recipe(yaml.safe_load(trial.user_attrs["recipe"])),
+                            outcome.cost)

@@ -196,9 +196,14 @@ class StageRunner:
     def abandon(self) -> None:
         """Mark trials this process left running as interrupted (Ctrl-C); resume retries them."""
         for cand in list(self.live.values()):
+            if self.records.is_finished(cand.number):
+                continue  # told just before the interrupt came
             self.records.set_user_attrs(cand.number, {"error": INTERRUPTED, "interrupted": True})
             self.study.tell(cand.number, state=TrialState.FAIL)
         self.live.clear()
+        # a trial created in storage when the interrupt came, before it was tracked here: the study's
+        # lock makes this process its only writer, so whatever is still running is ours
+        self.records.recover_interrupted()
 
     def rung_utility(self, data: dict[str, dict[str, Any]], rung: int) -> float | None:
         rec = data.get(repr(self.rungs[rung]))
@@ -275,7 +280,8 @@ class StageRunner:
             new.append((idx, cand))
         for rung in range(len(self.rungs)):
             active = [cand for _, cand in new if cand.state == TrialState.RUNNING and cand.rung == rung]
-            k = max(1, math.ceil(self.promote * len(xs)))
+            # successive halving: rung r holds ceil(promote^r n) candidates and promotes ceil(promote^(r+1) n)
+            k = max(1, math.ceil(self.promote ** (rung + 1) * len(xs)))
             self.run_batch(active, None if rung == len(self.rungs) - 1 else
                            lambda rung=rung, k=k: sync_bar(self._rung_values(members, rung), k))
             if rung == len(self.rungs) - 1:

@@ -138,17 +138,18 @@ def _t_pvalue(t: float, df: float) -> float:
 
 
 def _moments(values: list[float]) -> tuple[float, float, int]:
-    """(mean, sample variance with n - 1 in the denominator (0 for one value), n)."""
+    """(mean, sample variance with n - 1 in the denominator (inf for one value: a single item says
+    nothing about the spread, so it never makes a difference significant), n)."""
     n = len(values)
     mean = math.fsum(values) / n
-    var = math.fsum((x - mean) ** 2 for x in values) / (n - 1) if n > 1 else 0.0
+    var = math.fsum((x - mean) ** 2 for x in values) / (n - 1) if n > 1 else math.inf
     return mean, var, n
 
 
 def _stratified(parts: list[tuple[float, float, float, int]]) -> tuple[float, float, float]:
     """(sum c mean, se, Welch-Satterthwaite df) of strata ``(c, mean, var, n)``."""
     total = math.fsum(c * m for c, m, _, _ in parts)
-    v = [(c * c * var / n, n) for c, _, var, n in parts]
+    v = [(c * c * var / n, n) for c, _, var, n in parts if c]  # a stratum weighted 0 adds nothing
     var_sum = math.fsum(x for x, _ in v)
     denom = math.fsum(x * x / (n - 1) for x, n in v if n > 1)
     df = var_sum * var_sum / denom if denom > 0 else math.inf

@@ -12,7 +12,6 @@ held-out split.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from evomerge.errors import StudyError
 from evomerge.recipe import DataFlowRecipe, PathStep, Recipe, parse_recipe, recipe_to_yaml
 from evomerge.search import dims as D
 from evomerge.evaluate.evaluators import Evaluator, make_evaluator
-from evomerge.search.objectives import study_directions, study_metric_names, utility
+from evomerge.search.objectives import stored_trial_values, study_directions, study_metric_names, utility
 from evomerge.search.optimizers import PyCMA, make_sampler
 from evomerge.search.pareto import front_trials
 from evomerge.search.paths import PS_WINNER
@@ -249,17 +248,11 @@ class StudyRun:
         # each result is stored as soon as it is in (a killed re-score keeps what it finished, and
         # the next resume or rescore scores only the rest)
         return score_trials(self.executor, study, todo, "held-out",
-                            lambda outcome, trial: _objective_values(objs, outcome.scores, trial))
+                            lambda outcome, trial: stored_trial_values(objs, outcome, trial))
 
     def close(self) -> None:
         if self._own_executor:
             self.executor.shutdown()
-
-
-def _objective_values(objs, scores, trial) -> dict[str, float]:
-    from evomerge.search.objectives import objective_values
-
-    return objective_values(objs, scores, parse_recipe(yaml.safe_load(trial.user_attrs["recipe"])))
 
 
 def _bar(stage: str, total: int, initial: int, enabled: bool):
@@ -273,17 +266,6 @@ def best_trial(study, space: SearchSpace):
     """The stage's winner: the trial chosen on the validation sample when the choice is made
     (:func:`evomerge.search.validation.selected_trial`), else the completed trial (search or
     baseline) with the highest utility, or None."""
-    from evomerge.search.validation import selected_trial
+    from evomerge.search.report import best_by
 
-    chosen = selected_trial(study)
-    if chosen is not None:
-        return chosen
-    objs = list(space.objectives)
-    best, best_u = None, -math.inf
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "objectives" not in t.user_attrs:
-            continue
-        u = utility(objs, t.user_attrs["objectives"])
-        if u > best_u:
-            best, best_u = t, u
-    return best
+    return best_by(study, list(space.objectives))

@@ -404,10 +404,16 @@ def set_attr(study: optuna.Study, key: str, value: Any) -> None:
     study.set_user_attr(ATTR + key, value)
 
 
+def records(study: optuna.Study, kind: str) -> dict[int, dict[str, Any]]:
+    """The re-scores of a study's trials stored under ``kind`` (``heldout``, ``validation``), by
+    trial number."""
+    prefix = kind + ":"
+    return {int(k[len(prefix):]): v for k, v in study_attrs(study).items() if k.startswith(prefix)}
+
+
 def heldout_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
     """The held-out re-scores of a study's trials, by trial number."""
-    prefix = "heldout:"
-    return {int(k[len(prefix):]): v for k, v in study_attrs(study).items() if k.startswith(prefix)}
+    return records(study, "heldout")
 
 
 def _migrate_attrs(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
@@ -445,6 +451,10 @@ class TrialRecords:
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
         for key, value in attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
+
+    def is_finished(self, number: int) -> bool:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self.storage.get_trial(trial_id).state.is_finished()
 
     def recover_interrupted(self) -> list[FrozenTrial]:
         """Mark trials left RUNNING (or WAITING) by a killed run as failed ('interrupted'); returns them."""

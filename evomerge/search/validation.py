@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.recipe import parse_recipe
 from evomerge.search import selection as S
 from evomerge.search.objectives import Objective, utility
-from evomerge.search.study import finished, get_attr, set_attr, study_attrs
+from evomerge.search.study import finished, get_attr, records, set_attr
 from evomerge.workers.base import CandidateJob
 
 VALIDATION = "validation"
@@ -37,8 +37,7 @@ POLL = 5.0  # seconds between liveness checks of the executor while waiting
 def split_records(study, split: str) -> dict[int, dict[str, Any]]:
     """``{trial number: record}`` of the trials scored on ``split`` after the search
     (``held-out``: the front and baselines; ``validation``: the selection pool)."""
-    prefix = record_kind(split) + ":"
-    return {int(k[len(prefix):]): v for k, v in study_attrs(study).items() if k.startswith(prefix)}
+    return records(study, record_kind(split))
 
 
 def record_kind(split: str) -> str:
@@ -138,13 +137,13 @@ def select_winner(run, stage: str, study) -> dict[str, Any] | None:
                              "(biased upward by the selection among all trials)")
     else:
         have = split_records(study, VALIDATION)
-        todo = {t.number: t for t in members if t.number not in have}
+        # a record holding an error is scored again: a transient failure must not bar a member for good
+        todo = {t.number: t for t in members if t.number not in have or have[t.number].get("error")}
         if todo:
-            from evomerge.search.objectives import objective_values
+            from evomerge.search.objectives import stored_trial_values
 
             def values(outcome, trial):
-                return objective_values(objectives, outcome.scores,
-                                        parse_recipe(yaml.safe_load(trial.user_attrs["recipe"])))
+                return stored_trial_values(objectives, outcome, trial)
 
             score_trials(run.executor, study, todo, VALIDATION, values)
         ents, coefs = entries(study, objectives, members, VALIDATION)
