@@ -9,9 +9,11 @@ import json
 import math
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
+from evomerge.cli import main
 from evomerge.errors import ConfigError, EvalError
 from evomerge.evaluate import Scorer, load_model, load_suite
 from evomerge.evaluate.backends.hf import HFLM, generation_text
@@ -453,3 +455,103 @@ def test_panel_on_a_vllm_engine_scores_as_on_hf():
     for name, t in on_hf.tasks.items():
         assert on_vllm.tasks[name].items == t.items, name
     assert cost_v == pytest.approx(cost_h)
+
+
+# ------------------------------------------------------------------------------- fusion baselines in a study
+
+
+def _fusion_space(tmp_path, zoo, suite, **over) -> Path:
+    import yaml
+
+    space = {"name": "fb", "kind": "ps", "dtype": "float32",
+             "ps": {"sources": [{"name": "a", "model": zoo["a"]}, {"name": "b", "model": zoo["b"]}],
+                    "method": "linear", "params": {"weight": {"low": 0.1, "high": 1.0}}},
+             "objectives": [{"metric": "combined"}, {"cost": "passes"}],
+             "optimizer": {"name": "tpe", "seed": 0},
+             "evaluation": {"kind": "suite", "suite": str(suite.path), "validation": 0.5},
+             "multi_fidelity": {"enabled": False}, "budget": {"trials": 3},
+             "baselines": {"merges": True, "fusion": [{"method": "logit"}, {"method": "panel", "judge": zoo["c"]}]}}
+    space.update(over)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_fusion_baselines_are_scored_in_a_study_and_never_win(zoo, suite, tmp_path, capsys):
+    """``baselines: {fusion: [...]}``: each ensemble is a baseline trial scored on the search split
+    like the merges (same items, the cost record), re-scored on held-out, marked apart, compared with
+    the winner in selection.md, kept out of the winner's choice and of a mergekit export."""
+    import yaml
+
+    from evomerge.evaluate.evaluators import make_evaluator
+    from evomerge.fusion.study import FusionAware, is_fusion
+    from evomerge.search.driver import open_study_space, resume_search, start_search
+    from evomerge.search.report import best_by
+    from evomerge.search.study import heldout_records, read_meta
+    from evomerge.search.validation import SELECTION, split_records
+
+    out = tmp_path / "study"
+    res = start_search(_fusion_space(tmp_path, zoo, suite), out, progress=False)
+    assert res.complete
+    meta = read_meta(out)
+    study = optuna.load_study(study_name=meta.study_name("ps"), storage=meta.storage)
+    trials = study.get_trials()
+    fused = [t for t in trials if is_fusion(t.user_attrs.get("recipe", ""))]
+    assert [t.user_attrs["label"] for t in fused] == ["logit ensemble (a, b)", "panel + judge (a, b) judge c"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["kind"] == "baseline" for t in fused)
+    # the stored search score is the ensemble's score under the study's evaluator, by a separate run
+    evaluator = make_evaluator({"kind": "suite", "suite": str(suite.path), "validation": 0.5, "dtype": "float32"})
+    logit = fused[0]
+    direct = FusionAware(evaluator).evaluate(
+        FusionRecipe(method="logit", models=[zoo["a"], zoo["b"]], dtype="float32"), split="search")
+    assert logit.user_attrs["scores"] == pytest.approx(direct.scores) and logit.user_attrs["n"] == direct.n
+    assert logit.user_attrs["cost"]["passes"] == pytest.approx(2.0) and logit.values[1] == pytest.approx(2.0)
+    assert fused[1].user_attrs["cost"]["passes"] > 2.0  # two answers, then every answer read by the panel and the judge
+    # held-out: scored for the fusion baselines too; the winner is a merge, chosen among merges
+    held = heldout_records(study)
+    assert all(t.number in held and not held[t.number].get("error") for t in fused)
+    choice = study.user_attrs["evomerge:" + SELECTION]
+    assert not {t.number for t in fused} & ({choice["winner"]} | set(choice["pool"]))
+    assert not any(n in split_records(study, "validation") for n in (t.number for t in fused))
+    assert not is_fusion(best_by(study, list(open_study_space(out).objectives)).user_attrs["recipe"])
+    md = (out / "selection.md").read_text()
+    assert "logit ensemble (a, b)" in md and "panel + judge (a, b) judge c" in md
+    assert (out / "pareto.png").stat().st_size > 0
+    # the study's space.yaml names the models by absolute path; a resume scores no baseline again
+    stored = yaml.safe_load((out / "space.yaml").read_text())["baselines"]
+    assert stored["fusion"][0]["models"] == [zoo["a"], zoo["b"]] and stored["fusion"][1]["judge"] == zoo["c"]
+    n_before = len(trials)
+    assert resume_search(out, trials=4, progress=False).complete
+    again = optuna.load_study(study_name=meta.study_name("ps"), storage=meta.storage).get_trials()
+    assert len(again) == n_before + 1
+    # an ensemble exports as a fusion recipe, not as a mergekit config
+    assert main(["export", str(out), "-o", str(tmp_path / "f.yaml"), "--trial", str(logit.number)]) == 0
+    assert is_fusion((tmp_path / "f.yaml").read_text())
+    capsys.readouterr()
+    assert main(["export", str(out), "-o", str(tmp_path / "m.yaml"), "--trial", str(logit.number),
+                 "--format", "mergekit"]) == 2
+    assert "ensemble" in capsys.readouterr().err and not (tmp_path / "m.yaml").exists()
+
+
+@pytest.mark.parametrize("over, says", [
+    ({"evaluation": {"kind": "weights", "target": "T"}}, "suite and lmeval evaluators"),
+    ({"baselines": {"fusion": [{"method": "logit", "models": ["a", "nope"]}]}}, "nope"),
+    ({"baselines": {"fusion": [{"method": "logit"}], "merge": True}}, "merge"),
+])
+def test_fusion_baselines_problems_name_the_key(zoo, suite, tmp_path, capsys, over, says):
+    if "evaluation" in over:
+        over = {"evaluation": {"kind": "weights", "target": zoo["c"]}}
+    path = _fusion_space(tmp_path, zoo, suite, **over)
+    capsys.readouterr()
+    assert main(["search", str(path), "--study-dir", str(tmp_path / "s"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "baselines" in err and says in err and not (tmp_path / "s").exists()
+
+
+def test_a_logit_baseline_on_the_vllm_backend_is_refused(zoo, suite, tmp_path):
+    from evomerge.search.space import load_space
+
+    path = _fusion_space(tmp_path, zoo, suite, evaluation={"kind": "suite", "suite": str(suite.path),
+                                                           "backend": "vllm"})
+    with pytest.raises(ConfigError, match=r"baselines.fusion\[0\].*vllm backend"):
+        load_space(path)

@@ -148,7 +148,7 @@ def stored_trial_values(objectives: list[Objective], outcome, trial) -> dict[str
     ``outcome`` (scores and the measured cost) and the recipe stored with it."""
     import yaml
 
-    from evomerge.recipe import parse_recipe
+    from evomerge.fusion.study import parse_candidate
 
-    return objective_values(objectives, outcome.scores, parse_recipe(yaml.safe_load(trial.user_attrs["recipe"])),
+    return objective_values(objectives, outcome.scores, parse_candidate(yaml.safe_load(trial.user_attrs["recipe"])),
                             outcome.cost)

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import StudyError
 from evomerge.io_utils import atomic_write_text
-from evomerge.recipe import dump_recipe, parse_recipe
+from evomerge.recipe import dump_recipe
 from evomerge.search.objectives import Objective, utility
 from evomerge.search.pareto import front_trials
 from evomerge.search.study import (SPACE_FILE, check_study_exists, finished, heldout_records, load_study,
@@ -192,7 +192,17 @@ def _slug(name: str) -> str:
 
 
 def _recipe(t: FrozenTrial):
-    return parse_recipe(yaml.safe_load(t.user_attrs["recipe"]), source=f"trial {t.number}")
+    """The trial's stored candidate: a merge recipe, or a fusion recipe (a fusion baseline)."""
+    from evomerge.fusion.study import parse_candidate
+
+    return parse_candidate(yaml.safe_load(t.user_attrs["recipe"]), source=f"trial {t.number}")
+
+
+def _merges(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """``trials`` without the fusion baselines (an ensemble is never a winner: nothing to merge)."""
+    from evomerge.fusion.study import is_fusion
+
+    return [t for t in trials if not is_fusion(t.user_attrs.get("recipe", ""))]
 
 
 def best_by(study, objectives: list[Objective], objective: str | None = None) -> FrozenTrial | None:
@@ -200,7 +210,8 @@ def best_by(study, objectives: list[Objective], objective: str | None = None) ->
     sample when the choice is made (:mod:`evomerge.search.validation`), else the highest utility."""
     from evomerge.search.validation import selected_trial
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "objectives" in t.user_attrs]
+    done = _merges([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "objectives" in t.user_attrs])
     if not done:
         return None
     if objective is None and (chosen := selected_trial(study)) is not None:
@@ -352,6 +363,10 @@ def export_recipe(study_dir: str | Path, out: str | Path, *, trial: int | None =
         if t is None:
             raise StudyError(f"stage {stage} has no completed trial yet")
     recipe = _recipe(t)
+    if fmt == "mergekit" and getattr(recipe, "kind", None) == "fusion":
+        raise StudyError(f"trial {t.number} of stage {stage} is an ensemble ({t.user_attrs.get('label', 'fusion')}), "
+                         "which mergekit cannot build; export it with --format evomerge and score it with "
+                         "`evomerge eval --fusion-recipe FILE`")
     if fmt == "mergekit":
         from evomerge.mergekit_compat import to_mergekit
 

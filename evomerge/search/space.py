@@ -35,6 +35,8 @@ A search space file::
     multi_fidelity: {enabled: auto, rungs: [0.25, 1.0], promote: 0.5}   # estimator: anchors | irt, anchors: 24
     budget: {trials: 64, timeout: 10m}
     baselines: true                  # first score each source alone and the untuned default
+    # or, with ensembles scored beside the merges (models: source names, base, or model folders):
+    # baselines: {merges: true, fusion: [{method: logit}, {method: panel, judge: base}]}
     selection: {top_k: 5}            # re-scored on the validation sample to name the winner
 
 Model references resolve like recipe references: relative paths against the current directory
@@ -60,7 +62,7 @@ from typing import Any, Callable
 from evomerge.errors import ConfigError, Problem
 from evomerge.search.dfs import DFSSpace
 from evomerge.search.objectives import ModelSize, Objective, model_size
-from evomerge.search.paths import PS_WINNER, resolve_evaluation
+from evomerge.search.paths import PS_WINNER, resolve_evaluation, resolve_ref
 from evomerge.search.ps import PSSpace
 from evomerge.search.space_file import KINDS, OPTUNA_SAMPLERS, PYCMA, SpaceFile, parse_duration
 from evomerge.search.space_sections import Findings, parse_dfs, parse_objectives, parse_ps
@@ -107,11 +109,12 @@ class SearchSpace:
     trials: int | None = None
     timeout: float | None = None
     stage_trials: dict[str, int] = field(default_factory=dict)
-    baselines: bool = True
+    baselines: bool = True  # the untuned default and each source alone
     seed: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # the normalized mapping (paths resolved)
     source: str = "<search space>"
     selection: Any = None  # the ``selection:`` section (top_k); None: the defaults
+    fusion_baselines: tuple = ()  # FusionRecipe of ``baselines: {fusion: [...]}`` (evomerge.fusion.study)
 
     def stages(self) -> list[str]:
         return ["ps", "dfs"] if self.kind == "ps_dfs" else [self.kind]
@@ -265,6 +268,7 @@ def parse_space(data: Any, *, source: str = "<search space>",
         dfs = parse_dfs(found, model.dfs, dtype if intact("dtype") else None, sizes, ps_size)
         if model.dfs.trials is not None:
             stage_trials["dfs"] = model.dfs.trials
+    merges, fused = _baselines(found, model.baselines, ps, dfs, evaluation) if intact("baselines") else (True, ())
     if checks is not None:
         parts = SpaceParts(source=source, kind=kind, objectives=list(objectives), optimizer=optimizer,
                            evaluation=evaluation, ps=ps, dfs=dfs, complete=not found.problems)
@@ -274,8 +278,41 @@ def parse_space(data: Any, *, source: str = "<search space>",
     return SearchSpace(name=model.name, kind=kind, objectives=tuple(objectives), optimizer=optimizer,
                        evaluation=dict(evaluation), ps=ps, dfs=dfs, multi_fidelity=fidelity,
                        trials=model.budget.trials, timeout=model.budget.timeout, stage_trials=stage_trials,
-                       baselines=model.baselines, seed=seed, data=_normalized(data, model.name, evaluation, ps, dfs),
-                       source=source, selection=model.selection)
+                       baselines=merges, seed=seed, data=_normalized(data, model.name, evaluation, ps, dfs, fused),
+                       source=source, selection=model.selection, fusion_baselines=fused)
+
+
+FUSION_EVALUATORS = ("suite", "lmeval")
+
+
+def _baselines(found: Findings, raw: Any, ps: PSSpace | None, dfs: DFSSpace | None,
+               evaluation: dict[str, Any] | None) -> tuple[bool, tuple]:
+    """(merge baselines on, fusion baselines) of ``baselines:``; a fusion entry's models name the
+    stage's sources (``base`` included) or model folders."""
+    if isinstance(raw, bool):
+        return raw, ()
+    from evomerge.fusion.study import parse_baselines
+
+    if ps is not None:
+        sources = list(ps.sources) + ([("base", ps.base)] if ps.base else [])
+    elif dfs is not None:
+        sources = [(n, r) for n, r in dfs.models if r != PS_WINNER]
+    else:
+        sources = []
+    merges, fused, problems = parse_baselines(raw, f"{found.source}: baselines", sources,
+                                              lambda ref: resolve_ref(ref, found.base_dirs))
+    found.problems += problems
+    kind = (evaluation or {}).get("kind", "suite")
+    if fused and evaluation is not None and kind not in FUSION_EVALUATORS:
+        found.add("baselines.fusion", f"fusion baselines are scored by the suite and lmeval evaluators, not by "
+                  f"evaluation kind {kind!r}", "use evaluation kind suite or lmeval, or drop the fusion entries")
+    if evaluation is not None and evaluation.get("backend") == "vllm":
+        for i, recipe in enumerate(fused):
+            if recipe.method == "logit":
+                found.add(f"baselines.fusion[{i}]", "a logit ensemble needs every source's next-token "
+                          "log-probabilities at each step, which the vllm backend does not give",
+                          "use backend hf for this study, or a panel / moa entry")
+    return merges, fused
 
 
 def _several_unweighted(objectives: Any) -> bool:
@@ -287,10 +324,15 @@ def _several_unweighted(objectives: Any) -> bool:
 
 
 def _normalized(data: dict[str, Any], name: str, evaluation: dict[str, Any], ps: PSSpace | None,
-                dfs: DFSSpace | None) -> dict[str, Any]:
+                dfs: DFSSpace | None, fused: tuple = ()) -> dict[str, Any]:
     """The file's mapping with its name set and every path absolute (a study's ``space.yaml``)."""
     out = dict(data)
     out["name"] = name
+    if fused:
+        from evomerge.fusion.study import baseline_entry
+
+        out["baselines"] = {"merges": out["baselines"].get("merges", True),
+                            "fusion": [baseline_entry(r) for r in fused]}
     out["evaluation"] = dict(evaluation)
     if ps is not None:
         out["ps"] = {**out["ps"], "sources": [{"name": n, "model": r} for n, r in ps.sources]}

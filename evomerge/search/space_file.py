@@ -339,7 +339,7 @@ class SpaceFile(StrictModel):
     multi_fidelity: Annotated[FidelitySection, Mapping] = FidelitySection()
     selection: Annotated[SelectionSection, Mapping] = SelectionSection()
     budget: Annotated[BudgetSection, Mapping] = BudgetSection()
-    baselines: bool = True
+    baselines: Any = True  # true / false, or {merges, fusion} (evomerge.fusion.study.parse_baselines)
 
     @field_validator("name")
     @classmethod

@@ -71,6 +71,19 @@ def baselines(space) -> list[tuple[str, Recipe | None, dict[str, Any] | None]]:
     return out
 
 
+def fusion_baselines(space: SearchSpace) -> list[tuple[str, Any]]:
+    """``(label, fusion recipe)`` of the space's fusion baselines (a label repeated gets ``#k``)."""
+    out: list[tuple[str, Any]] = []
+    for recipe in space.fusion_baselines:
+        label = recipe.label()
+        taken = {lab for lab, _ in out}
+        k = 2
+        while label in taken:
+            label, k = f"{recipe.label()} #{k}", k + 1
+        out.append((label, recipe))
+    return out
+
+
 class StudyRun:
     def __init__(self, study_dir: Path, meta: StudyMeta, space: SearchSpace, executor: Executor | None,
                  storage, probe: Evaluator, evaluator_factory, progress: bool, timeout: float | None,
@@ -158,7 +171,7 @@ class StudyRun:
         runner = StageRunner(records, space, list(self.space.objectives), self.executor, self.rungs(study),
                              fidelity.promote, stage, self.meta.limit, on_finish=on_finish, estimator=estimator)
         try:
-            if self.space.baselines:
+            if self.space.baselines or self.space.fusion_baselines:
                 self.run_baselines(runner)
             if cfg.is_pycma:
                 x0 = D.encode(runner.dims, space.default_params())
@@ -208,8 +221,13 @@ class StudyRun:
             set_attr(study, "retried", sorted(retried))
 
     def run_baselines(self, runner: StageRunner) -> None:
+        """Score the stage's baselines not scored yet: the fusion baselines first, in this process
+        (:func:`evomerge.search.validation.score_here`), then the merge baselines on the workers."""
         study = runner.study
         have = {t.user_attrs.get("label") for t in finished(study, kind="baseline")}
+        self.run_fusion_baselines(runner, have)
+        if not self.space.baselines:
+            return
         todo = [(label, recipe, params) for label, recipe, params in baselines(runner.space) if label not in have]
         cands = []
         for label, recipe, params in todo:
@@ -225,6 +243,29 @@ class StudyRun:
             runner.run_batch(cands)
         finally:
             runner.on_finish = saved
+
+    def run_fusion_baselines(self, runner: StageRunner, have: set[str]) -> None:
+        from evomerge.search.validation import score_here
+        from evomerge.workers.base import CandidateJob
+
+        if runner.stage != self.space.stages()[-1]:
+            return  # scored once, in the stage whose front the study's report shows
+        for label, recipe in fusion_baselines(self.space):
+            if label in have:
+                continue
+            number = runner.records.new_trial(params={}, distributions=runner.dists,
+                                              user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
+                                                          "recipe": recipe_to_yaml(recipe)})
+            cand = Candidate(number, recipe, {}, rung=len(runner.rungs) - 1)
+            runner.live[number] = cand
+            res = score_here(self.probe, CandidateJob((number, cand.rung), recipe, "search",
+                                                      limit=self.meta.limit)).result()
+            saved = runner.on_finish
+            runner.on_finish = lambda c: None  # baselines do not count toward the budget
+            try:
+                runner.record(cand, res)
+            finally:
+                runner.on_finish = saved
 
     def select(self, stage: str) -> dict[str, Any] | None:
         """Name the stage's winner on the validation sample (:mod:`evomerge.search.validation`)."""
@@ -248,7 +289,7 @@ class StudyRun:
         # each result is stored as soon as it is in (a killed re-score keeps what it finished, and
         # the next resume or rescore scores only the rest)
         return score_trials(self.executor, study, todo, "held-out",
-                            lambda outcome, trial: stored_trial_values(objs, outcome, trial))
+                            lambda outcome, trial: stored_trial_values(objs, outcome, trial), fused_on=self.probe)
 
     def close(self) -> None:
         if self._own_executor:

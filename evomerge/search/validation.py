@@ -17,17 +17,16 @@ validation results already stored are reused, so only new pool members are score
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.recipe import parse_recipe
 from evomerge.search import selection as S
 from evomerge.search.objectives import Objective, utility
 from evomerge.search.study import finished, get_attr, records, set_attr
-from evomerge.workers.base import CandidateJob
+from evomerge.workers.base import CandidateJob, JobResult
 
 VALIDATION = "validation"
 SELECTION = "selection"
@@ -46,19 +45,24 @@ def record_kind(split: str) -> str:
 
 
 def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
-                 values: Callable[[Any, FrozenTrial], dict[str, float]]) -> int:
+                 values: Callable[[Any, FrozenTrial], dict[str, float]], *, fused_on=None) -> int:
     """Score the stored recipes of ``trials`` on ``split`` through ``executor``, storing each record
     as soon as it is in (a killed re-score keeps what it finished); at most ``capacity`` jobs in
     flight. ``values(outcome, trial)``: the record's objective values (a KeyError is recorded as its
-    error). Returns how many were scored."""
+    error). Fusion candidates are scored first, in this process, by ``fused_on`` (the driver's
+    evaluator: :func:`score_here`), before any job is sent. Returns how many were scored."""
+    from evomerge.fusion.study import is_fusion, parse_candidate
+
     prefix = record_kind(split) + ":"
-    pending = list(trials)
+    recipes = {n: parse_candidate(yaml.safe_load(t.user_attrs["recipe"]), source=f"trial {n}")
+               for n, t in trials.items()}
+    pending = sorted(trials, key=lambda n: not is_fusion(recipes[n]))
     running: dict[Any, int] = {}
     while pending or running:
         while pending and len(running) < max(1, int(getattr(executor, "capacity", 1))):
             n = pending.pop(0)
-            recipe = parse_recipe(yaml.safe_load(trials[n].user_attrs["recipe"]))
-            running[executor.submit(CandidateJob(n, recipe, split))] = n
+            job = CandidateJob(n, recipes[n], split)
+            running[score_here(fused_on, job) if is_fusion(recipes[n]) else executor.submit(job)] = n
         done, _ = wait(list(running), timeout=POLL, return_when=FIRST_COMPLETED)
         if not done and getattr(executor, "check", None) is not None:
             executor.check()  # RunInterrupted when the workers are gone (what is stored stays)
@@ -76,6 +80,22 @@ def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
     return len(trials)
 
 
+def score_here(evaluator, job: CandidateJob) -> Future:
+    """A finished future of ``job`` (a fusion candidate) scored in this process by ``evaluator``
+    (:class:`~evomerge.fusion.study.FusionAware`): a worker's evaluator materializes merges, and the
+    sources of an ensemble are loaded where it is scored."""
+    from evomerge.fusion.study import FusionAware
+    from evomerge.workers.base import run_job
+
+    fut: Future = Future()
+    if evaluator is None:
+        fut.set_result(JobResult(job.key, None, "a fusion candidate is scored by the driver's evaluator, and none "
+                                 "was given", 0.0, "driver"))
+    else:
+        fut.set_result(run_job(FusionAware(evaluator), job))
+    return fut
+
+
 def has_validation(evaluator) -> bool:
     """Whether ``evaluator`` has a validation sample (an evaluator kind without one may raise)."""
     try:
@@ -91,12 +111,16 @@ def scored(study, objectives: list[Objective]) -> list[tuple[FrozenTrial, float]
 
 
 def pool(study, objectives: list[Objective], k: int) -> list[FrozenTrial]:
-    """The selection pool: the ``k`` best search trials by search utility, then every baseline."""
+    """The selection pool: the ``k`` best search trials by search utility, then every merge baseline
+    (an ensemble is never the winner: there is nothing to merge or export; it is compared with the
+    winner on held-out)."""
+    from evomerge.fusion.study import is_fusion
+
     done = scored(study, objectives)
     search = [(t.number, u) for t, u in done if t.user_attrs.get("kind", "search") == "search"]
     best = set(S.top_k(search, k))
     return [t for t, _ in done if t.number in best] + \
-        [t for t, _ in done if t.user_attrs.get("kind") == "baseline"]
+        [t for t, _ in done if t.user_attrs.get("kind") == "baseline" and not is_fusion(t.user_attrs.get("recipe", ""))]
 
 
 def entries(study, objectives: list[Objective], trials: list[FrozenTrial], split: str
@@ -145,7 +169,7 @@ def select_winner(run, stage: str, study) -> dict[str, Any] | None:
             def values(outcome, trial):
                 return stored_trial_values(objectives, outcome, trial)
 
-            score_trials(run.executor, study, todo, VALIDATION, values)
+            score_trials(run.executor, study, todo, VALIDATION, values, fused_on=run.probe)
         ents, coefs = entries(study, objectives, members, VALIDATION)
         if coefs is None:
             choice = S.choose([S.Entry(e.number, e.label, e.search, None) for e in ents], {}).to_dict()
