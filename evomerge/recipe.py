@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, Problem
 from evomerge.io_utils import atomic_write_text
+from evomerge.source_count import source_count_problem
 from evomerge.recipe_sections import (CALIBRATED_METHODS, TOKENIZER_KEYWORDS, UNION_TAGS, CalibrationSpec,
                                       TokenizerField, TokenizerSpec)
 
@@ -329,11 +330,8 @@ def validate_recipe(recipe: Recipe, *, source: str = "<recipe>") -> list[Problem
         if not spec.takes_base and recipe.base:
             problems.append(Problem(at("base"), f"method '{spec.name}' takes no base model",
                                     "remove `base`, or list it under sources"))
-        if n < spec.min_sources or (spec.max_sources is not None and n > spec.max_sources):
-            want = (f"exactly {spec.min_sources}" if spec.max_sources == spec.min_sources
-                    else f"at least {spec.min_sources}" + (f" and at most {spec.max_sources}"
-                                                           if spec.max_sources else ""))
-            problems.append(Problem(at("sources"), f"method '{spec.name}' takes {want} source(s), got {n}"))
+        if (wrong := source_count_problem(spec, n)) is not None:
+            problems.append(Problem(at("sources"), wrong, "list the right number of sources for this method"))
         for name, value in recipe.params.items():
             p = spec.param(name)
             if p is None:

@@ -383,7 +383,7 @@ def test_map_equals_read_and_stays_private(tmp_path, dtype):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), name
     big = max(ck.names, key=ck.nbytes)
-    shard = path / ck._entry(big).file
+    shard = path / ck.entry(big).file
     before = shard.read_bytes()
     base = _maps_of(shard)
     t = ck.map(big)
@@ -404,7 +404,7 @@ def test_map_unaligned_and_empty_tensors_are_read(tmp_path):
     tensors = {"a": torch.randn(3, dtype=torch.float32).to(torch.bfloat16), "b": torch.randn(5, 7),
                "empty": torch.zeros(0, 4), "c": torch.randn(9, dtype=torch.float32).to(torch.float16)}
     ck = Checkpoint.open(_write(tmp_path / "u", tensors, shard_size="1GB"))
-    assert ck._entry("b").offset % 4 == 2  # the case under test
+    assert ck.entry("b").offset % 4 == 2  # the case under test
     for name, t in tensors.items():
         assert torch.equal(ck.map(name), t), name
 
@@ -427,9 +427,9 @@ def test_map_of_a_shard_truncated_after_open(tmp_path, sharded):
     """A shard cut short after open: map names the tensor and file (instead of SIGBUS on access)."""
     d = _copy(sharded, tmp_path / "m")
     ck = Checkpoint.open(d)
-    name = max(ck.names, key=lambda n: ck._entry(n).offset)
-    victim = d / ck._entry(name).file
-    os.truncate(victim, ck._entry(name).offset + 10)
+    name = max(ck.names, key=lambda n: ck.entry(n).offset)
+    victim = d / ck.entry(name).file
+    os.truncate(victim, ck.entry(name).offset + 10)
     with pytest.raises(CheckpointError, match=rf"tensor '{name}' ends at byte \d+ of {victim.name}, "
                                               rf"which now holds \d+ bytes"):
         ck.map(name)
@@ -478,9 +478,9 @@ def test_stale_temp_folders_removed_by_owner_record(tmp_path):
     evomerge), a file or link of the same name, another output's."""
     import socket
 
-    from evomerge.checkpoint import OWNER_FILE, _owner_record, remove_stale_temps
+    from evomerge.checkpoint import OWNER_FILE, owner_record, remove_stale_temps
 
-    host, me = socket.gethostname(), _owner_record()
+    host, me = socket.gethostname(), owner_record()
 
     def tmp(name: str, record: dict | None) -> Path:
         d = tmp_path / name

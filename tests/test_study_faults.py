@@ -519,18 +519,18 @@ def test_ray_timeout_flags_reach_the_executor_arguments():
     import argparse
     import inspect
 
-    from evomerge.search.cli import RAY_TIMEOUT_FLAGS, _add_ray_options, _ray_args
+    from evomerge.search.cli import RAY_TIMEOUT_FLAGS, add_ray_options, ray_args
     from evomerge.workers.ray_executor import RayExecutor
 
     params = inspect.signature(RayExecutor.__init__).parameters
     parser = argparse.ArgumentParser()
-    _add_ray_options(parser)
+    add_ray_options(parser)
     assert all(key in params for key, _ in RAY_TIMEOUT_FLAGS)
-    assert not set(_ray_args(parser.parse_args([]))) & {k for k, _ in RAY_TIMEOUT_FLAGS}
-    got = _ray_args(parser.parse_args(["--ray-restart-timeout", "7", "--ray-ping-timeout", "9",
+    assert not set(ray_args(parser.parse_args([]))) & {k for k, _ in RAY_TIMEOUT_FLAGS}
+    got = ray_args(parser.parse_args(["--ray-restart-timeout", "7", "--ray-ping-timeout", "9",
                                        "--ray-start-timeout", "11"]))
     assert (got["restart_timeout"], got["ping_timeout"], got["start_timeout"]) == (7.0, 9.0, 11.0)
-    assert set(_ray_args(parser.parse_args([]))) <= set(params)
+    assert set(ray_args(parser.parse_args([]))) <= set(params)
 
 
 # ------------------------------------------------------------------ Ctrl-C at the awkward moments

@@ -35,7 +35,7 @@ from evomerge.checkpoint.names import (DTYPE_NAMES, DTYPES, EMBED_SUFFIXES, INDE
                                        split_layer_name)
 from evomerge.checkpoint.oserrors import describe_os_error, os_error_hint
 from evomerge.checkpoint.output import OWNER_FILE, check_output_path, remove_stale_temps
-from evomerge.checkpoint.output import _owner_record as _owner_record  # tests write owner records
+from evomerge.checkpoint.output import owner_record as owner_record  # who made a temporary folder (pid, host, boot, start)
 from evomerge.checkpoint.reader import CONVERT_HINT, HUB_PATTERNS, PICKLE_SUFFIXES, Checkpoint
 from evomerge.checkpoint.writer import CheckpointWriter, TensorSpec
 

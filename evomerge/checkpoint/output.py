@@ -25,7 +25,7 @@ def _abspath(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-_TMP_TAG = ".tmp-"
+TMP_TAG = ".tmp-"
 _NAME_MAX = 255
 _TMP_NAME_EXTRA = 40  # ".tmp-<pid>-<8 random>" / ".old-<8 hex>" added to the output's name
 
@@ -113,7 +113,7 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
     return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
-def _owner_record() -> dict[str, Any]:
+def owner_record() -> dict[str, Any]:
     stat = _proc_stat(os.getpid())
     return {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
             "start": stat[1] if stat else None}
@@ -156,7 +156,7 @@ def remove_stale_temps(out: str | os.PathLike, *, quiet: bool = False) -> list[P
     only then removed; a live writer's folder, one made on another host, and one without a record
     whose pid still runs are left alone. Returns the folders removed."""
     out = _abspath(out)
-    prefix = out.name + _TMP_TAG
+    prefix = out.name + TMP_TAG
     removed: list[Path] = []
     try:
         entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]

@@ -40,7 +40,7 @@ _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
-class _Entry:
+class TensorEntry:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -48,7 +48,7 @@ class _Entry:
     offset: int  # absolute byte offset of the data in the file
 
 
-def _read_header(path: Path, model: str) -> dict[str, _Entry]:
+def _read_header(path: Path, model: str) -> dict[str, TensorEntry]:
     """Parse and check one safetensors header: sane length, JSON, dtypes, sizes within the file."""
     fix = "re-download or re-export the model; the file is damaged or not a safetensors file"
     size = path.stat().st_size
@@ -72,7 +72,7 @@ def _read_header(path: Path, model: str) -> dict[str, _Entry]:
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{model}: unparsable safetensors header in {path.name} ({e}); {fix}") from e
     data_size = size - 8 - n
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -95,7 +95,7 @@ def _read_header(path: Path, model: str) -> dict[str, _Entry]:
         if end > data_size:
             raise CheckpointError(f"{model}: {path.name} is truncated: tensor {name!r} ends at byte "
                                   f"{8 + n + end} but the file holds {size} bytes; {fix}")
-        entries[name] = _Entry(path.name, dtype, shape, nbytes, 8 + n + start)
+        entries[name] = TensorEntry(path.name, dtype, shape, nbytes, 8 + n + start)
     return entries
 
 
@@ -126,7 +126,7 @@ def _resolve(ref: str | os.PathLike) -> Path:
 class Checkpoint:
     """A Hugging Face model directory opened lazily: config and headers now, tensors on demand."""
 
-    def __init__(self, ref: str, path: Path, config: dict[str, Any], entries: dict[str, _Entry]):
+    def __init__(self, ref: str, path: Path, config: dict[str, Any], entries: dict[str, TensorEntry]):
         self.ref = ref
         self.path = path
         self.config = config
@@ -194,7 +194,7 @@ class Checkpoint:
                                                 "or come from different models"))
 
     @staticmethod
-    def _load_entries(path: Path, model: str) -> dict[str, _Entry]:
+    def _load_entries(path: Path, model: str) -> dict[str, TensorEntry]:
         index = path / INDEX_FILE
         if index.is_file():
             try:
@@ -204,8 +204,8 @@ class Checkpoint:
             except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{model}: {INDEX_FILE} is unreadable ({type(e).__name__}: {e}); "
                                       f"re-download or re-export the model") from e
-            headers: dict[str, dict[str, _Entry]] = {}
-            entries: dict[str, _Entry] = {}
+            headers: dict[str, dict[str, TensorEntry]] = {}
+            entries: dict[str, TensorEntry] = {}
             for name, file in weight_map.items():
                 if file not in headers:
                     shard = path / file
@@ -238,7 +238,9 @@ class Checkpoint:
 
     # -- queries
 
-    def _entry(self, name: str) -> _Entry:
+    def entry(self, name: str) -> TensorEntry:
+        """Where tensor ``name`` lies: its shard file (relative to the folder), dtype, shape, size and
+        byte offset (the tied head: the embedding's)."""
         entry = self._entries.get(name)
         if entry is None:
             if name == TIED_HEAD and self.tie_word_embeddings:
@@ -251,7 +253,7 @@ class Checkpoint:
         return name in self._entries or (name == TIED_HEAD and self.tie_word_embeddings)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+        return self.entry(name).shape
 
     def parameter_counts(self) -> tuple[tuple[int, ...], int, int]:
         """(parameters per layer, parameters outside the layers but the input embedding, the input
@@ -270,15 +272,15 @@ class Checkpoint:
         return tuple(layers), other, embedding
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._entry(name).dtype
+        return self.entry(name).dtype
 
     def nbytes(self, name: str) -> int:
         """Stored bytes of ``name`` (a tied ``lm_head.weight``: the embedding's)."""
-        return self._entry(name).nbytes
+        return self.entry(name).nbytes
 
-    def _open(self, name: str) -> tuple[_Entry, int]:
+    def _open(self, name: str) -> tuple[TensorEntry, int]:
         """``name``'s entry (a tied ``lm_head.weight``: the embedding's) and its shard's cached fd."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         with self._lock:
             fd = self._handles.get(entry.file)
             if fd is None:

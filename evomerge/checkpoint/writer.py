@@ -25,7 +25,7 @@ import torch
 
 from evomerge.checkpoint.names import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, parse_size
 from evomerge.checkpoint.oserrors import describe_os_error
-from evomerge.checkpoint.output import _TMP_TAG, OWNER_FILE, _owner_record, check_output_path, remove_stale_temps
+from evomerge.checkpoint.output import TMP_TAG, OWNER_FILE, owner_record, check_output_path, remove_stale_temps
 from evomerge.errors import CheckpointError
 
 
@@ -87,12 +87,12 @@ class CheckpointWriter:
         remove_stale_temps(self.out)  # a killed writer's full-size shards would take the space we need
         try:
             # the pid in the name identifies the owner even before the owner record is written
-            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.out.name}{_TMP_TAG}{os.getpid()}-", dir=self.out.parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.out.name}{TMP_TAG}{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
             raise CheckpointError(describe_os_error(e, f"cannot create a temporary folder for {self.out} in")) from e
         try:
             try:
-                (self.tmp / OWNER_FILE).write_text(json.dumps(_owner_record()) + "\n", encoding="utf-8")
+                (self.tmp / OWNER_FILE).write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
             except OSError as e:
                 raise self._io_error(e, f"write {OWNER_FILE}") from e
             for i, group in enumerate(groups):

@@ -16,6 +16,7 @@ import torch
 
 from evomerge.errors import ConfigError, MergeError, Problem
 from evomerge.methods.registry import ParamSpec, get_method
+from evomerge.source_count import source_count_problem
 
 F32 = torch.float32
 
@@ -88,12 +89,8 @@ def resolve(
     where = f"method '{method}'"
     problems: list[Problem] = []
     n = len(tensors)
-    if n < spec.min_sources or (spec.max_sources is not None and n > spec.max_sources):
-        want = (f"exactly {spec.min_sources}" if spec.max_sources == spec.min_sources
-                else f"at least {spec.min_sources}" if spec.max_sources is None
-                else f"{spec.min_sources} to {spec.max_sources}")
-        problems.append(Problem(where, f"got {n} source model(s), needs {want} (base not counted)",
-                                "list the right number of sources for this method"))
+    if (wrong := source_count_problem(spec, n)) is not None:
+        problems.append(Problem(where, wrong, "list the right number of sources for this method"))
     if spec.needs_base and base is None:
         problems.append(Problem(where, "needs a base model, none was given", "set 'base:' in the recipe"))
     unknown = sorted(set(params) - {p.name for p in spec.params})

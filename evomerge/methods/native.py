@@ -58,7 +58,7 @@ _U32 = ctypes.c_uint32 * MAX_SOURCES
 _I32 = ctypes.c_int32 * MAX_SOURCES
 
 
-class Job(ctypes.Structure):
+class NativeJob(ctypes.Structure):
     """Mirror of ``em_job`` in native.c (field order and types must match; checked by ``em_abi``)."""
 
     _fields_ = [
@@ -131,10 +131,10 @@ def _build(cc: str, defines: dict[str, int]) -> Path:
 def _load(cc: str, defines: dict[str, int]) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(cc, defines)))
     lib.em_abi.restype = ctypes.c_int
-    if lib.em_abi() != ctypes.sizeof(Job) * 100 + MAX_SOURCES:
-        raise RuntimeError(f"native.c's em_job ({lib.em_abi()}) does not match native.Job "
-                           f"({ctypes.sizeof(Job) * 100 + MAX_SOURCES})")
-    lib.em_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int]
+    if lib.em_abi() != ctypes.sizeof(NativeJob) * 100 + MAX_SOURCES:
+        raise RuntimeError(f"native.c's em_job ({lib.em_abi()}) does not match native.NativeJob "
+                           f"({ctypes.sizeof(NativeJob) * 100 + MAX_SOURCES})")
+    lib.em_run.argtypes = [ctypes.POINTER(NativeJob), ctypes.c_int, ctypes.c_int]
     lib.em_run.restype = ctypes.c_int
     lib.em_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     lib.em_all_finite.restype = ctypes.c_int
@@ -263,7 +263,7 @@ def rank_order(x: torch.Tensor, base: torch.Tensor, threads: int | None = None):
     return order
 
 
-def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], plan) -> Job | None:
+def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], plan) -> NativeJob | None:
     """The job computing ``plan`` (a :class:`~evomerge.methods.plan.TensorPlan`) into the flat ``out``
     from flat ``base`` and the live sources ``xs`` (plan order), or ``None`` when native.c cannot
     compute it here. The one converter between plans and native.c: a source's top-k cut ``(thr,
@@ -277,7 +277,7 @@ def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor
     if fn is None:
         return None
     numel = out.numel()
-    job = Job(fn=fn, out=out.data_ptr(), base=base.data_ptr(), numel=numel, n=len(xs),
+    job = NativeJob(fn=fn, out=out.data_ptr(), base=base.data_ptr(), numel=numel, n=len(xs),
               base_dtype=DTYPES[base.dtype], lam=plan.lam, norm_div=plan.norm_div, hash_start=0)
     for i, (x, src) in enumerate(zip(xs, plan.sources)):
         job.xs[i], job.x_dtype[i], job.w[i], job.div[i] = x.data_ptr(), DTYPES[x.dtype], src.weight, src.divisor
@@ -289,7 +289,7 @@ def task_vector_job(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor
     return job
 
 
-def linear_job(out: torch.Tensor, xs: list[torch.Tensor], weights) -> Job | None:
+def linear_job(out: torch.Tensor, xs: list[torch.Tensor], weights) -> NativeJob | None:
     """The linear method's job: ``out = x_0 * w_0``, then ``out = fma(x_i, w_i, out)`` in float32,
     rounded to ``out``'s dtype (see native.c), or ``None`` when native.c cannot compute it here."""
     if not xs or not supports(out, xs[0], xs):
@@ -298,21 +298,21 @@ def linear_job(out: torch.Tensor, xs: list[torch.Tensor], weights) -> Job | None
                   xdt=dtype_code(*xs), odt=DTYPES[out.dtype], linear=True)
     if fn is None:
         return None
-    job = Job(fn=fn, out=out.data_ptr(), base=None, numel=out.numel(), n=len(xs), base_dtype=DTYPES[xs[0].dtype],
+    job = NativeJob(fn=fn, out=out.data_ptr(), base=None, numel=out.numel(), n=len(xs), base_dtype=DTYPES[xs[0].dtype],
               lam=1.0, norm_div=1.0)
     for i, (x, w) in enumerate(zip(xs, weights)):
         job.xs[i], job.x_dtype[i], job.w[i] = x.data_ptr(), DTYPES[x.dtype], w
     return job
 
 
-def run(jobs: list[Job], threads: int | None = None) -> list[bool]:
-    """Run ``jobs`` (filled ``Job`` structs, ``fn`` from :func:`block_fn`) in one call; per job, True
+def run(jobs: list[NativeJob], threads: int | None = None) -> list[bool]:
+    """Run ``jobs`` (filled ``NativeJob`` structs, ``fn`` from :func:`block_fn`) in one call; per job, True
     when every output value was finite."""
     if not jobs:
         return []
     if not available():
         raise RuntimeError("the native kernel is not available")
-    arr = (Job * len(jobs))(*jobs)
+    arr = (NativeJob * len(jobs))(*jobs)
     if _state["driver"].em_run(arr, len(jobs), _threads(threads)) != 0:
         raise RuntimeError("native merge kernel rejected a job (no kernel, sources outside 1..8 or "
                            "negative size)")

@@ -1,5 +1,5 @@
 """Planning a resident candidate: each output tensor of a recipe's :class:`~evomerge.materialize.Plan`
-becomes one :class:`Job` that names its kernel, the backend chosen for it
+becomes one :class:`TensorJob` that names its kernel, the backend chosen for it
 (:func:`~evomerge.methods.backends.choose_backend`, the one rule) and everything the kernel reads.
 
 * Task-vector methods (``MethodSpec.task_vector``) get a :class:`~evomerge.methods.plan.TensorPlan`.
@@ -39,7 +39,7 @@ def fast_methods() -> tuple[str, ...]:
 
 
 @dataclass
-class Job:
+class TensorJob:
     """How one output tensor is written into ``out`` (its flat target).
 
     ``kind``: ``copy``, ``scale``, ``slerp``, ``linear``, ``task_vector``, ``reference`` (the method's
@@ -75,21 +75,21 @@ class Planner:
     def stats_nbytes(self) -> int:
         return sum(o.nbytes for o in self._orders.values())
 
-    def job(self, ot: OutputTensor, out: torch.Tensor) -> Job:
+    def job(self, ot: OutputTensor, out: torch.Tensor) -> TensorJob:
         """The job writing ``ot`` into the flat ``out``."""
         rs, op = self.sources, ot.op
         if op.vocab is not None:  # rows realigned to another vocabulary: the plan's own computation
-            return Job(ot.name, "compute", "compute", out, call=ot)
+            return TensorJob(ot.name, "compute", "compute", out, call=ot)
         if op.kind == "copy":  # data-flow / stack layer: a copy, maybe scaled (folded)
             src = rs.tensor(op.inputs[0]).view(-1)
             if op.scale == 1.0:
-                return Job(ot.name, "copy", "copy", out, (src,))
-            return Job(ot.name, "scale", self._choose("scale", (out, src), 1), out, (src,), values=(op.scale,))
+                return TensorJob(ot.name, "copy", "copy", out, (src,))
+            return TensorJob(ot.name, "scale", self._choose("scale", (out, src), 1), out, (src,), values=(op.scale,))
         spec, seed = get_method(op.method), op.seed
         xs = [rs.tensor(r) for r in op.inputs]
         base = rs.tensor(op.base) if op.base is not None else None
         params = {**op.source_params, **op.global_params}
-        reference = Job(ot.name, "reference", "reference", out, call=(spec, xs, base, params, seed))
+        reference = TensorJob(ot.name, "reference", "reference", out, call=(spec, xs, base, params, seed))
         decl = spec.task_vector
         if spec.name not in ("linear", "slerp") and not (decl is not None and decl.planned()):
             return reference
@@ -99,7 +99,7 @@ class Planner:
             if not kept:
                 return reference
             live = tuple(xs[i].view(-1) for i, _ in kept)
-            return Job(ot.name, "linear", self._choose("linear", (out, *live), len(live)), out, live,
+            return TensorJob(ot.name, "linear", self._choose("linear", (out, *live), len(live)), out, live,
                        values=tuple(w for _, w in kept))
         if spec.name == "slerp":
             return self._slerp_job(ot.name, out, xs[0], base, op.inputs[0], op.base, p["t"])
@@ -113,7 +113,7 @@ class Planner:
         if plan is None:
             return reference
         inputs = (base.view(-1), *(xs[s.index].view(-1) for s in plan.sources))
-        return Job(ot.name, "task_vector", self._choose("task_vector", (out, base, *live), len(live)), out,
+        return TensorJob(ot.name, "task_vector", self._choose("task_vector", (out, base, *live), len(live)), out,
                    inputs, plan=plan)
 
     def _choose(self, kind: str, tensors: tuple[torch.Tensor, ...], sources: int) -> str:
@@ -141,7 +141,7 @@ class Planner:
             out[i, k] = top_cut(order, self._values_of(refs[i][0]), self._values_of(refs[i][1]), k)
         return out
 
-    def _slerp_job(self, name, out, x, base, src_ref, base_ref, t) -> Job:
+    def _slerp_job(self, name, out, x, base, src_ref, base_ref, t) -> TensorJob:
         key = (src_ref, base_ref)
         red = self._slerp.get(key)
         if red is None:  # |v0|, |v1|, <v0, v1>: independent of t, computed once as the reference does
@@ -158,7 +158,7 @@ class Planner:
         c0 = torch.where(colinear, one * (1.0 - t), torch.sin((1.0 - t) * theta) / safe)
         c1 = torch.where(colinear, one * t, torch.sin(t * theta) / safe)
         inputs = (base.view(-1), x.view(-1))
-        return Job(name, "slerp", self._choose("slerp", (out, *inputs), 1), out, inputs, values=(c0, c1))
+        return TensorJob(name, "slerp", self._choose("slerp", (out, *inputs), 1), out, inputs, values=(c0, c1))
 
 
 def target_view(ot: OutputTensor, dst: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from evomerge.methods.backends import merge, run_linear, run_plan
 from evomerge.resident.kernels import get_kernel
 
 
-def _native_job(j) -> "native.Job | None":
+def _native_job(j) -> "native.NativeJob | None":
     if j.kind == "task_vector":
         return native.task_vector_job(j.out, j.inputs[0], list(j.inputs[1:]), j.plan)
     return native.linear_job(j.out, list(j.inputs), list(j.values))

@@ -137,7 +137,7 @@ def _recorded_workers(study_dir: str) -> int:
     return read_meta(Path(study_dir)).workers
 
 
-def _add_ray_options(command) -> None:
+def add_ray_options(command) -> None:
     group = command.add_argument_group("Ray workers (used with --workers N > 1, --address or $RAY_ADDRESS)")
     group.add_argument("--address", default=None,
                        help="existing Ray cluster, e.g. ray://head:10001 (default $RAY_ADDRESS, else a local instance)")
@@ -165,7 +165,7 @@ RAY_TIMEOUT_FLAGS = (("start_timeout", "--ray-start-timeout"), ("restart_timeout
                      ("ping_timeout", "--ray-ping-timeout"))
 
 
-def _ray_args(a) -> dict:
+def ray_args(a) -> dict:
     out = {"address": a.address, "gpus_per_worker": a.ray_gpus_per_worker, "cpus_per_worker": a.ray_cpus_per_worker,
            "sources": a.ray_sources, "residency": a.ray_residency, "max_retries": a.ray_max_retries,
            "dashboard": a.ray_dashboard}
@@ -228,10 +228,10 @@ def register(sub) -> None:
                          help="candidates scored at once: N > 1 starts N Ray workers (default 1, in-process)")
     command.add_argument("--limit", type=int, default=None, help="score at most N items per task (quick runs)")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_ray_options(command)
+    add_ray_options(command)
     command.set_defaults(func=lambda a: search_command(a.space, a.study_dir, trials=a.trials, timeout=a.timeout,
                                                  storage=a.storage, workers=a.workers, limit=a.limit,
-                                                 quiet=a.quiet, ray=_ray_args(a)))
+                                                 quiet=a.quiet, ray=ray_args(a)))
 
     command = sub.add_parser("resume", help="continue a search after Ctrl-C or a crash, or extend its budget")
     command.add_argument("study_dir")
@@ -240,10 +240,10 @@ def register(sub) -> None:
     command.add_argument("--storage", default=None, help="override the storage URL recorded in study.json")
     command.add_argument("--workers", type=int, default=None)
     command.add_argument("-q", "--quiet", action="store_true")
-    _add_ray_options(command)
+    add_ray_options(command)
     command.set_defaults(func=lambda a: resume_command(a.study_dir, trials=a.trials, timeout=a.timeout,
                                                  storage=a.storage, workers=a.workers, quiet=a.quiet,
-                                                 ray=_ray_args(a)))
+                                                 ray=ray_args(a)))
 
     command = sub.add_parser("status", help="trials done / failed / running, best so far, front size, ETA")
     command.add_argument("study_dir")
