@@ -147,6 +147,19 @@ class Driver:
     def running(self) -> set[int]:
         return {t.number for t in self.trials() if t.state == TrialState.RUNNING}
 
+    def held(self, quiet: float = 1.5) -> set[int]:
+        """The trials the frozen workers hold: running, and the same over ``quiet`` seconds (a result
+        sent just before the freeze can take a while to be recorded on a loaded machine)."""
+        last = self.wait_for(self.running)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.running()
+            if now == last and now:
+                return now
+            last = now or self.wait_for(self.running)
+        pytest.fail(f"the running trials did not settle: {last}")
+
     def wait_exit(self) -> int:
         try:
             return self.proc.wait(timeout=EXIT_WITHIN)
@@ -199,9 +212,7 @@ def _assert_complete_and_unique(study_dir: Path) -> None:
 def test_a_killed_worker_process_is_survived(driver):
     """kill -9 of a busy worker: its candidate is retried, the search finishes, nothing lost or doubled."""
     workers = driver.freeze_workers()
-    driver.wait_for(driver.running)  # the frozen workers hold trials
-    time.sleep(1.0)  # results already sent before the freeze are recorded
-    running = driver.running()
+    running = driver.held()
     victim, other = workers
     victim.kill()
     other.send_signal(signal.SIGCONT)
@@ -220,9 +231,7 @@ def test_a_dead_node_interrupts_the_search_and_resume_finishes_it(driver, victim
     """The dashboard agent or the raylet killed (the raylet fate-shares with its agent: the node is
     gone): exit 3 naming what died, the running trials recorded as interrupted, resume completes."""
     driver.freeze_workers()
-    driver.wait_for(driver.running)  # the frozen workers hold trials
-    time.sleep(1.0)  # results already sent before the freeze are recorded
-    running = driver.running()
+    running = driver.held()
     targets = driver.find(victim)
     assert targets, [p.cmdline()[:2] for p in driver.ray_processes()]
     for p in targets:
@@ -238,9 +247,7 @@ def test_a_dead_node_interrupts_the_search_and_resume_finishes_it(driver, victim
 def test_the_whole_local_instance_dying_interrupts_the_search_and_resume_finishes_it(driver):
     """Every process of the driver's Ray instance (gcs_server, raylet, agents, workers) killed at once."""
     driver.freeze_workers()
-    driver.wait_for(driver.running)
-    time.sleep(1.0)  # results already sent before the freeze are recorded
-    running = driver.running()
+    running = driver.held()
     procs = driver.ray_processes()
     assert driver.find("gcs") and driver.find("raylet")
     for p in procs:
