@@ -477,6 +477,7 @@ def _fusion_space(tmp_path, zoo, suite, **over) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_fusion_baselines_are_scored_in_a_study_and_never_win(zoo, suite, tmp_path, capsys):
     """``baselines: {fusion: [...]}``: each ensemble is a baseline trial scored on the search split
     like the merges (same items, the cost record), re-scored on held-out, marked apart, compared with

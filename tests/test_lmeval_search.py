@@ -135,6 +135,7 @@ def test_scores_are_cached_on_disk_and_keyed_by_the_task_files(tmp_path, task_di
         edited.evaluate(recipe, split="held-out", fidelity=0.5)
 
 
+@pytest.mark.slow
 def test_a_search_with_the_lmeval_evaluator(tmp_path, task_dir):
     space = {"name": "lm", "kind": "ps",
              "ps": {"base": str(ZOO / "base"),
@@ -155,6 +156,7 @@ def test_a_search_with_the_lmeval_evaluator(tmp_path, task_dir):
     assert row[header.index("heldout.combined")] != ""
 
 
+@pytest.mark.slow
 def test_a_bad_lmeval_config_reports_every_problem(tmp_path, task_dir, capsys):
     space = {"name": "bad", "kind": "ps",
              "ps": {"base": str(ZOO / "base"), "sources": [{"name": "rev", "model": str(ZOO / "expert_reverse")}],

@@ -38,7 +38,7 @@ def generate(path, n=4):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("mistral", marks=pytest.mark.slow), "qwen2"])
 def test_ties_merge_loads_and_generates(tmp_path, arch):
     fam = {k: str(v) for k, v in build_tiny_family(tmp_path / "f", arch=arch, n_experts=2, noise=0.05).items()}
     recipe = parse_recipe({"method": "ties", "base": fam["base"], "dtype": "bfloat16",
@@ -189,6 +189,7 @@ def test_incompatible_models_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
 
 
+@pytest.mark.slow
 def test_cli_merge_errors_and_overwrite(tmp_path, family, capsys):
     recipe = parse_recipe({"method": "task_arithmetic", "base": family["base"],
                            "sources": [{"model": family["expert1"], "params": {"weight": 1.0}},

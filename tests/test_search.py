@@ -49,6 +49,7 @@ def best_weights(study) -> list[float]:
     return [s["params"]["weight"] for s in recipe["sources"]]
 
 
+@pytest.mark.slow
 def test_pycma_finds_the_known_optimum_and_writes_the_outputs(tmp_path, world):
     fam, target = world
     space = write_space(tmp_path / "space.yaml", ps_space(fam, target, budget={"trials": 60},
@@ -109,6 +110,7 @@ def _cma_proposals(study) -> dict[tuple[int, int], dict]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, world):
     fam, target = world
     space = write_space(tmp_path / "space.yaml", ps_space(fam, target, budget={"trials": 20},

@@ -385,6 +385,7 @@ def _wait_for(proc: subprocess.Popen, cond, what: str, timeout: float = 120) -> 
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_a_study_in_use_is_refused_and_free_again_after_kill_9(tmp_path, world, capsys):
     fam, target, _ = world
     space = space_file(tmp_path / "s.yaml", fam, target, budget={"trials": 40})
@@ -423,6 +424,7 @@ def test_the_lock_names_its_holder_and_is_exclusive(tmp_path):
 # ------------------------------------------------------------------ 8. kill -9 during the held-out re-score
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_held_out_rescore_keeps_what_was_scored(tmp_path, world, capsys):
     fam, target, _ = world
     # baselines on: 4 of them plus the front are re-scored, 1.5 s each
