@@ -4,7 +4,7 @@
 Builds (once, cached) a base and three fine-tunes locally, then for linear, ties and dare_ties runs
 `evomerge merge` and, when mergekit is installed (scripts/setup_mergekit.sh, or --mergekit PATH to
 a mergekit-yaml), `mergekit-yaml` on the same config in the same run. Each merge runs in its own
-process; wall time, CPU time and that process's peak RSS (from wait4) are reported, with GB/s counted as
+process; wall time, CPU time and that process's peak RSS (its VmHWM, sampled: see PeakWatcher) are reported, with GB/s counted as
 bytes read (every input once) plus bytes written, and the ratios mergekit / evomerge. The tools
 alternate, ``--reps`` times each (the fastest run of each is reported, all are printed); before
 every run the previous output is deleted and dirty pages are flushed, outside the clock.
@@ -67,13 +67,45 @@ def run_measured(cmd: list[str], env: dict | None = None, clear: Path | None = N
     os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = PeakWatcher(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return wall, peak.mib(usage.ru_maxrss / 1024), usage.ru_utime + usage.ru_stime
+
+
+class PeakWatcher:
+    """The child's own peak RSS (``VmHWM`` of ``/proc/<pid>/status``, read every 5 ms until it
+    exits). ``ru_maxrss`` from ``wait4`` is not it: the kernel carries the RSS the process had before
+    ``exec`` into it, and a child forked from this script starts as a copy of this script (torch and
+    the family built in memory: ~900 MiB), which then hides the merge's own peak."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.path, self.kib = Path(f"/proc/{pid}/status"), 0
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                text = self.path.read_text()
+            except OSError:
+                return
+            line = next((ln for ln in text.splitlines() if ln.startswith("VmHWM:")), None)
+            if line is None:  # a zombie: the memory is gone
+                return
+            self.kib = max(self.kib, int(line.split()[1]))
+            time.sleep(0.005)
+
+    def mib(self, fallback: float) -> float:
+        """The peak in MiB; ``fallback`` where /proc cannot be read."""
+        self.thread.join(timeout=1.0)
+        return self.kib / 1024 if self.kib else fallback
 
 
 def configs(fam: dict[str, Path], method: str) -> tuple[dict, dict]:
