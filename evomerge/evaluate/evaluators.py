@@ -30,7 +30,6 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import Recipe, model_refs
 from evomerge.splits import HELD_OUT, SEARCH, split_error
-from evomerge.splits import SPLITS  # noqa: F401 - the evaluators' modules import it from here
 
 
 @dataclass

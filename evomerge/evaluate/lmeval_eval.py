@@ -50,8 +50,8 @@ from typing import Any
 
 from evomerge.errors import ConfigError, Problem
 from evomerge.recipe import Recipe, recipe_hash, tokenizer_model
+from evomerge.splits import SPLITS, split_error
 from evomerge.evaluate.evaluators import (
-    SPLITS,
     EvalOutcome,
     register_evaluator,
     worker_name,
@@ -147,7 +147,7 @@ class LmEvalEvaluator:
     def samples(self, split: str, fidelity: float = 1.0, limit: int | None = None) -> dict[str, list[int]]:
         """The document indices scored per task (sorted, as lm-eval walks them in document order)."""
         if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+            raise ValueError(split_error(split) or f"no split {split!r} here")
         out = {}
         for task, order in self.splits[split].items():
             k = len(order) if fidelity >= 1 else max(1, math.ceil(fidelity * len(order)))
