@@ -287,7 +287,8 @@ def test_fusion_recipe_errors_are_all_reported():
         parse_fusion({"kind": "fusion", "method": "logit", "models": ["a", "b"], "weights": [1, -1, 2],
                       "judge": "c", "colour": 1}, source="f.yaml")
     msg = str(err.value)
-    assert "f.yaml: colour" in msg and "f.yaml: weights" in msg and "judge applies to the panel only" in msg
+    assert "f.yaml: colour" in msg and "f.yaml: weights" in msg
+    assert "f.yaml: judge: only method panel takes `judge`" in msg
     with pytest.raises(ConfigError, match="unknown fusion method 'mean'"):
         parse_fusion({"method": "mean", "models": ["a"]})
     with pytest.raises(ConfigError) as err:

@@ -12,10 +12,12 @@ A fusion recipe (``kind: fusion``) names its sources and the way their outputs a
     dtype: float32                 # optional: load local models in this dtype (default: as stored)
     tokenizer: path                # optional: the tokenizer (default: the first local model's)
 
+For method moa, ``models:`` without ``moa.agents`` are local agents named by their folder.
+
 A Mixture-of-Agents configuration (``moa:``, or a file given to ``evomerge eval --moa-config``)::
 
     agents:                        # name -> a local model folder, or a model on an OpenAI-compatible server
-      a: {model: models/chat-a}                       # local: run by the evaluation backend
+      a: models/chat-a                                # local, short for {model: models/chat-a}: run by the backend
       b: {model: llama-3-8b-instruct, endpoint: http://127.0.0.1:8000/v1, api: chat,
           api_key_env: MY_KEY, relative_size: 16}     # remote: /v1/chat/completions (api: completions
                                                       # uses /v1/completions)
@@ -28,75 +30,220 @@ A Mixture-of-Agents configuration (``moa:``, or a file given to ``evomerge eval 
     timeout: 120                   # seconds per remote request
     concurrency: 8                 # remote requests in flight
 
-Model references resolve as in merge recipes (relative paths against the current directory);
-:mod:`evomerge.fusion.study` reads the fusion entries of a search space's ``baselines:`` section.
+Both are strict models (:mod:`evomerge.strict`): values are not coerced, and every problem is reported
+at once, at its key, with a fix. Model references resolve as in merge recipes (relative paths against
+the current directory); :mod:`evomerge.fusion.study` reads the fusion entries of a search space's
+``baselines:`` section.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import (BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
-from evomerge.dtypes import DTYPE_HINT, DTYPES
+from evomerge.dtypes import DTYPE_HINT, canonical_dtype, dtype_message
 from evomerge.errors import ConfigError, Problem
+from evomerge.strict import StrictModel, bad, choice, validate_all
 
 METHODS = ("logit", "panel", "moa")
 APIS = ("chat", "completions")
-_TOP = {"evomerge", "kind", "method", "models", "weights", "judge", "normalize", "moa", "dtype", "tokenizer"}
-_MOA = {"agents", "layers", "aggregator", "max_tokens", "temperature", "instruction", "system_role", "timeout",
-        "concurrency"}
-_AGENT = {"model", "endpoint", "api", "api_key_env", "relative_size"}
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+Number = Annotated[float, Field(allow_inf_nan=False)]  # an int is a number too; true, "0.5" and .inf are not
+Models = Annotated[list[NonEmpty], Field(min_length=1)]
+_MODELS = TypeAdapter(Models, config=ConfigDict(strict=True))
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def local_agents(refs: list[str]) -> dict[str, dict[str, str]]:
+    """``refs`` as local agents named by their folder (a second ``a`` is ``a_``)."""
+    agents: dict[str, dict[str, str]] = {}
+    for ref in refs:
+        name = Path(ref).name or ref
+        while name in agents:
+            name += "_"
+        agents[name] = {"model": ref}
+    return agents
 
 
-class AgentSpec(_Frozen):
+class AgentSpec(StrictModel):
     """One Mixture-of-Agents member: a local model folder (``endpoint`` None) or a model served by an
     OpenAI-compatible API at ``endpoint`` (its base URL, ending in ``/v1``)."""
 
-    model: str
+    model: NonEmpty = Field(description="a local model folder, or the model name on the endpoint")
     endpoint: str | None = None
     api: Literal["chat", "completions"] = "chat"
-    api_key_env: str | None = None
-    relative_size: float = 1.0
+    api_key_env: NonEmpty | None = None
+    relative_size: Number = Field(1.0, gt=0)  # parameters relative to the first source (for the cost figures)
+
+    _api = field_validator("api", mode="before")(classmethod(lambda cls, api: choice(api, APIS, "api")))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise bad(f"expected an http(s) base URL, got {url!r}", "e.g. endpoint: http://127.0.0.1:8000/v1")
+        return url
 
     @property
     def local(self) -> bool:
         return self.endpoint is None
 
 
-class MoAConfig(_Frozen):
-    agents: dict[str, AgentSpec]
-    layers: list[list[str]]
-    aggregator: str
-    max_tokens: int | None = None
-    temperature: float = 0.0
+def _agent_shorthand(value: Any) -> Any:
+    """``name: folder`` is short for ``name: {model: folder}``."""
+    if isinstance(value, str):
+        return {"model": value}
+    if not isinstance(value, (dict, AgentSpec)):
+        raise bad(f"expected a model folder or a mapping {{model, endpoint, api}}, got {value!r}")
+    return value
+
+
+def _again(err: ValidationError) -> list[dict[str, Any]]:
+    """The errors of ``err`` (raised by a wrapped validation) as line errors to raise again with others."""
+    return [{"type": PydanticCustomError(e["type"], "{message}", {**e.get("ctx", {}), "message": e["msg"]}),
+             "loc": e["loc"], "input": e["input"]} for e in err.errors()]
+
+
+class MoAConfig(StrictModel):
+    agents: dict[str, Annotated[AgentSpec, BeforeValidator(_agent_shorthand)]] = Field(
+        description="name -> a model folder or {model, endpoint, api}")
+    layers: list[Annotated[list[str], Field(min_length=1)]] = Field([], min_length=1)  # default: every agent
+    aggregator: str = ""  # default: the first agent
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Number = Field(0.0, ge=0)
     instruction: str | None = None
     system_role: bool = True
-    timeout: float = 120.0
-    concurrency: int = 8
+    timeout: Number = Field(120.0, gt=0)
+    concurrency: int = Field(8, ge=1)
+
+    @field_validator("agents")
+    @classmethod
+    def _some(cls, agents: dict[str, AgentSpec]) -> dict[str, AgentSpec]:
+        if not agents:
+            raise bad("expected at least one agent, got {}", "e.g. agents: {a: {model: path/to/model}}")
+        return agents
+
+    @field_validator("instruction")
+    @classmethod
+    def _text(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise bad(f"expected a non-empty text, got {text!r}")
+        return text
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _agent_names(cls, data: Any, handler) -> MoAConfig:
+        """``layers`` and ``aggregator`` default to the agents' names and must name agents: checked on
+        the names even when an agent's own keys have problems, so that both are reported."""
+        agents = data.get("agents") if isinstance(data, dict) else None
+        names = [name for name in agents if isinstance(name, str)] if isinstance(agents, dict) else []
+        if not names:
+            return handler(data)  # no agents to name: reported at `agents`
+        data = {"layers": [names], "aggregator": names[0], **data}
+        try:
+            config, errors = handler(data), []
+        except ValidationError as err:
+            config, errors = None, _again(err)
+        failed = {e["loc"][0] for e in errors if e["loc"]}
+        used = [] if "layers" in failed else [(("layers", i), layer) for i, layer in enumerate(data["layers"])]
+        if "aggregator" not in failed:
+            used.append((("aggregator",), [data["aggregator"]]))
+        for loc, given in used:
+            stray = [name for name in given if name not in agents]
+            if stray:
+                errors.append({"type": bad(f"{stray[0]!r} is not an agent", f"agents: {', '.join(names)}"),
+                               "loc": loc, "input": stray[0]})
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return config
 
     def calls_per_query(self) -> int:
         """Model calls one query makes: every proposer of every layer, then the aggregator."""
         return sum(len(layer) for layer in self.layers) + 1
 
 
-class FusionRecipe(_Frozen):
+_FOR_METHOD = {"weights": "logit", "judge": "panel", "normalize": "panel", "moa": "moa"}  # key -> its method
+
+
+class FusionRecipe(StrictModel):
+    """A fusion recipe (see the module docstring); ``models`` is [] for method moa (its agents run)."""
+
     evomerge: Literal[1] = 1
     kind: Literal["fusion"] = "fusion"
-    method: Literal["logit", "panel", "moa"]
-    models: list[str] = []
-    weights: list[float] | None = None
-    judge: str | None = None
+    method: Literal["logit", "panel", "moa"] = Field(description="logit, panel or moa")
+    models: Models | None = Field(None, validate_default=True)  # not given: [] (see _models)
+    weights: list[Annotated[Number, Field(ge=0)]] | None = None
+    judge: NonEmpty | None = None
     normalize: bool = False
-    moa: MoAConfig | None = None
+    moa: MoAConfig | None = Field(None, validate_default=True)
     dtype: str | None = None
-    tokenizer: str | None = None
+    tokenizer: NonEmpty | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_as_agents(cls, data: Any) -> Any:
+        """Method moa: valid ``models:`` are the local agents when ``moa:`` names none (they are not kept)."""
+        if not isinstance(data, dict) or data.get("method") != "moa" or data.get("models") is None:
+            return data
+        try:
+            refs = _MODELS.validate_python(data["models"])
+        except ValidationError:
+            return data  # reported at `models`
+        moa = {} if data.get("moa") is None else data["moa"]
+        if isinstance(moa, dict) and moa.get("agents") is None:
+            moa = {**moa, "agents": local_agents(refs)}
+        return {**data, "models": None, "moa": moa}
+
+    _method = field_validator("method", mode="before")(
+        classmethod(lambda cls, method: choice(method, METHODS, "fusion method")))
+
+    @field_validator(*_FOR_METHOD, mode="before")
+    @classmethod
+    def _for_method(cls, value: Any, info: ValidationInfo) -> Any:
+        """A key of another method is refused, whatever its value (``normalize: false`` is no value)."""
+        method, wanted = info.data.get("method"), _FOR_METHOD[info.field_name]
+        if value not in (None, False) and method not in (None, wanted):
+            raise bad(f"only method {wanted} takes `{info.field_name}`", "remove it")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[str] | None, info: ValidationInfo) -> list[str]:
+        method = info.data.get("method")
+        if models is None and method in ("logit", "panel"):
+            raise bad(f"method {method} needs `models:` (the model folders it combines)",
+                      "e.g. models: [evals/zoo/expert_arith, evals/zoo/expert_reverse]")
+        return models or []
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        models = info.data.get("models")
+        if weights is not None and models and len(weights) != len(models):
+            raise bad(f"{len(weights)} weight(s) for {len(models)} model(s)", "give one weight per model")
+        if weights is not None and not sum(weights) > 0:
+            raise bad("the weights are all 0", "give a model a weight above 0")
+        return weights
+
+    @field_validator("moa", mode="before")
+    @classmethod
+    def _moa_needed(cls, moa: Any, info: ValidationInfo) -> Any:
+        """Method moa needs agents (valid ``models:`` are in ``moa`` by now; invalid ones are reported)."""
+        if moa is None and info.data.get("method") == "moa" and "models" in info.data:
+            raise bad("method moa needs a `moa:` mapping (agents, layers, aggregator) or `models:` to use as "
+                      "local agents")
+        return moa
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str | None) -> str | None:
+        if dtype is not None and canonical_dtype(dtype) is None:
+            raise bad(dtype_message(dtype), DTYPE_HINT)
+        return canonical_dtype(dtype)
 
     def local_refs(self) -> list[str]:
         """Every local model this recipe runs, in first-mention order (the judge last)."""
@@ -122,105 +269,22 @@ class FusionRecipe(_Frozen):
 # --------------------------------------------------------------------------------------- parsing
 
 
-def unknown_keys(raw: dict, allowed: set[str], where: str) -> list[Problem]:
-    """A problem per key of ``raw`` outside ``allowed``, located at ``where`` + key."""
-    return [Problem(f"{where}{k}", f"unknown key '{k}'", f"allowed: {', '.join(sorted(allowed))}")
-            for k in raw if k not in allowed]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _model_list(value: Any, where: str, problems: list[Problem]) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(m, str) and m for m in value):
-        problems.append(Problem(where, f"expected a non-empty list of model folders, got {value!r}",
-                                "e.g. models: [evals/zoo/expert_arith, evals/zoo/expert_reverse]"))
-        return []
-    return list(value)
+def validated(model: type[StrictModel], data: Any, where: str) -> tuple[Any, list[Problem]]:
+    """:func:`~evomerge.strict.validate_all` of ``data``, every problem located at ``where`` + its key."""
+    if not isinstance(data, dict):
+        return None, [Problem(where or "<top>", f"expected a mapping, got {data!r}")]
+    obj, problems = validate_all(model, data, source="")  # located at ": <key>"
+    return obj, [Problem(f"{where}.{p.where[2:]}" if where else p.where[2:], p.message, p.hint) for p in problems]
 
 
 def parse_moa(raw: Any, where: str = "moa", *, default_models: list[str] | None = None
               ) -> tuple[MoAConfig | None, list[Problem]]:
     """A Mixture-of-Agents mapping; ``default_models`` become local agents (named by their folder)
     when the mapping has no ``agents``. Returns (config or None, every problem)."""
-    p = f"{where}." if where else ""
-    if not isinstance(raw, dict):
-        return None, [Problem(where or "moa", f"expected a mapping (agents, layers, aggregator, ...), got {raw!r}")]
-    problems = unknown_keys(raw, _MOA, p)
-    agents: dict[str, AgentSpec] = {}
-    rawagents = raw.get("agents")
-    if rawagents is None and default_models:
-        for ref in default_models:
-            name = Path(ref).name or ref
-            while name in agents:
-                name += "_"
-            agents[name] = AgentSpec(model=ref)
-    elif not isinstance(rawagents, dict) or not rawagents:
-        problems.append(Problem(f"{p}agents", f"expected a mapping of agent name to {{model, endpoint, api}}, got "
-                                f"{rawagents!r}", "e.g. agents: {a: {model: path/to/model}}"))
-    else:
-        for name, spec in rawagents.items():
-            at = f"{p}agents.{name}"
-            if isinstance(spec, str):
-                spec = {"model": spec}
-            if not isinstance(spec, dict):
-                problems.append(Problem(at, f"expected a model folder or a mapping {{model, endpoint, api}}, got {spec!r}"))
-                continue
-            bad = unknown_keys(spec, _AGENT, f"{at}.")
-            if not isinstance(spec.get("model"), str) or not spec.get("model"):
-                bad.append(Problem(f"{at}.model", "required key 'model' (a local model folder, or the model name "
-                                   "on the endpoint) is missing or empty"))
-            ep = spec.get("endpoint")
-            if ep is not None and (not isinstance(ep, str) or not ep.startswith(("http://", "https://"))):
-                bad.append(Problem(f"{at}.endpoint", f"expected an http(s) base URL, got {ep!r}",
-                                   "e.g. endpoint: http://127.0.0.1:8000/v1"))
-            if spec.get("api", "chat") not in APIS:
-                bad.append(Problem(f"{at}.api", f"unknown api {spec.get('api')!r}", f"use one of {', '.join(APIS)}"))
-            env = spec.get("api_key_env")
-            if env is not None and (not isinstance(env, str) or not env):
-                bad.append(Problem(f"{at}.api_key_env", f"expected an environment variable name, got {env!r}"))
-            size = spec.get("relative_size", 1.0)
-            if not _number(size) or size <= 0:
-                bad.append(Problem(f"{at}.relative_size", f"expected a positive number, got {size!r}",
-                                   "the agent's parameters relative to the first source (for the cost figures)"))
-            if bad:
-                problems += bad
-                continue
-            agents[str(name)] = AgentSpec(**spec)
-    names = list(rawagents) if isinstance(rawagents, dict) else list(agents)  # invalid agents still count as named
-    layers = raw.get("layers", [names] if names else None)
-    if (not isinstance(layers, list) or not layers
-            or not all(isinstance(layer, list) and layer and all(isinstance(a, str) for a in layer) for layer in layers)):
-        problems.append(Problem(f"{p}layers", f"expected a list of proposer layers, each a non-empty list of agent "
-                                f"names, got {layers!r}", "e.g. layers: [[a, b], [a, b]]"))
-        layers = []
-    for i, layer in enumerate(layers):
-        for a in layer:
-            if names and a not in names:
-                problems.append(Problem(f"{p}layers[{i}]", f"'{a}' is not an agent", f"agents: {', '.join(names)}"))
-    aggregator = raw.get("aggregator", names[0] if names else None)
-    if not isinstance(aggregator, str) or (names and aggregator not in names):
-        problems.append(Problem(f"{p}aggregator", f"expected one of the agents ({', '.join(names)}), got {aggregator!r}"))
-    max_tokens = raw.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        problems.append(Problem(f"{p}max_tokens", f"expected a whole number >= 1, got {max_tokens!r}"))
-    for key, low, strict in (("temperature", 0.0, False), ("timeout", 0.0, True)):
-        v = raw.get(key)
-        if v is not None and (not _number(v) or v < low or (strict and v <= low)):
-            problems.append(Problem(f"{p}{key}", f"expected a number {'>' if strict else '>='} {low:g}, got {v!r}"))
-    conc = raw.get("concurrency")
-    if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
-        problems.append(Problem(f"{p}concurrency", f"expected a whole number >= 1, got {conc!r}"))
-    if raw.get("instruction") is not None and (not isinstance(raw["instruction"], str) or not raw["instruction"].strip()):
-        problems.append(Problem(f"{p}instruction", f"expected a non-empty text, got {raw['instruction']!r}"))
-    if not isinstance(raw.get("system_role", True), bool):
-        problems.append(Problem(f"{p}system_role", f"expected true or false, got {raw['system_role']!r}"))
-    if problems:
-        return None, problems
-    rest = {k: raw[k] for k in ("max_tokens", "temperature", "instruction", "system_role", "timeout", "concurrency")
-            if raw.get(k) is not None}
-    return MoAConfig(agents=agents, layers=layers, aggregator=aggregator, **rest), []
+    if isinstance(raw, dict) and raw.get("agents") is None and default_models:
+        raw = {**raw, "agents": local_agents(default_models)}
+    cfg, problems = validated(MoAConfig, raw, where)
+    return None if problems else cfg, problems
 
 
 def load_moa_config(path: str | Path, *, default_models: list[str] | None = None) -> MoAConfig:
@@ -235,63 +299,8 @@ def load_moa_config(path: str | Path, *, default_models: list[str] | None = None
 
 def fusion_problems(data: Any, where: str = "") -> tuple[FusionRecipe | None, list[Problem]]:
     """(the recipe, []) or (None, every problem) for a fusion mapping; ``where`` prefixes locations."""
-    p = f"{where}." if where else ""
-    if not isinstance(data, dict):
-        return None, [Problem(where or "recipe", f"a fusion recipe must be a mapping, got {type(data).__name__}")]
-    problems = unknown_keys(data, _TOP, p)
-    if data.get("kind", "fusion") != "fusion":
-        problems.append(Problem(f"{p}kind", f"expected kind: fusion, got {data.get('kind')!r}"))
-    if data.get("evomerge", 1) != 1:
-        problems.append(Problem(f"{p}evomerge", f"unknown format version {data.get('evomerge')!r}", "use 1"))
-    method = data.get("method")
-    if method not in METHODS:
-        problems.append(Problem(f"{p}method", f"unknown fusion method {method!r}" if method is not None
-                                else "required key 'method' is missing", f"use one of {', '.join(METHODS)}"))
-    models = data.get("models")
-    if method in ("logit", "panel") or models is not None:
-        models = _model_list(models, f"{p}models", problems)
-    else:
-        models = []
-    weights = data.get("weights")
-    if weights is not None:
-        if method != "logit":
-            problems.append(Problem(f"{p}weights", "weights apply to the logit ensemble only", "remove them"))
-        elif (not isinstance(weights, list) or not all(_number(w) and w >= 0 for w in weights)
-              or not sum(weights) > 0):
-            problems.append(Problem(f"{p}weights", f"expected a list of numbers >= 0, not all 0, got {weights!r}"))
-        elif models and len(weights) != len(models):
-            problems.append(Problem(f"{p}weights", f"{len(weights)} weight(s) for {len(models)} model(s)",
-                                    "give one weight per model"))
-    judge = data.get("judge")
-    if judge is not None and (method != "panel" or not isinstance(judge, str) or not judge):
-        problems.append(Problem(f"{p}judge", "judge applies to the panel only" if method != "panel"
-                                else f"expected a model folder, got {judge!r}"))
-    normalize = data.get("normalize", False)
-    if not isinstance(normalize, bool) or (normalize and method != "panel"):
-        problems.append(Problem(f"{p}normalize", "normalize (true/false) applies to the panel only"
-                                if isinstance(normalize, bool) else f"expected true or false, got {normalize!r}"))
-    moa = None
-    if method == "moa":
-        raw = data.get("moa")
-        if raw is None and not models:
-            problems.append(Problem(f"{p}moa", "method moa needs a `moa:` mapping (agents, layers, aggregator) or "
-                                    "`models:` to use as local agents"))
-        else:
-            moa, more = parse_moa(raw if raw is not None else {}, f"{p}moa", default_models=models)
-            problems += more
-    elif data.get("moa") is not None:
-        problems.append(Problem(f"{p}moa", "a `moa:` mapping applies to method moa only", "remove it"))
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        problems.append(Problem(f"{p}dtype", f"unknown dtype {dtype!r}", DTYPE_HINT))
-    tok = data.get("tokenizer")
-    if tok is not None and (not isinstance(tok, str) or not tok):
-        problems.append(Problem(f"{p}tokenizer", f"expected a model folder with a tokenizer, got {tok!r}"))
-    if problems:
-        return None, problems
-    return FusionRecipe(method=method, models=models if method != "moa" else [], weights=weights, judge=judge,
-                        normalize=normalize, moa=moa, dtype=DTYPES.get(dtype) if dtype else None,
-                        tokenizer=tok), []
+    recipe, problems = validated(FusionRecipe, data, where)
+    return None if problems else recipe, problems
 
 
 def parse_fusion(data: Any, *, source: str = "<recipe>") -> FusionRecipe:

@@ -25,7 +25,8 @@ from typing import Any
 
 from evomerge.errors import Problem
 from evomerge.fusion.cost import merge_cost
-from evomerge.fusion.spec import FusionRecipe, fusion_problems, unknown_keys
+from evomerge.fusion.spec import FusionRecipe, fusion_problems, validated
+from evomerge.strict import StrictModel
 
 
 def is_fusion(recipe: Any) -> bool:
@@ -94,6 +95,13 @@ class FusionAware:
         return outcome
 
 
+class Baselines(StrictModel):
+    """A search space's ``baselines:`` mapping; each fusion entry is checked by :func:`parse_baselines`."""
+
+    merges: bool = True
+    fusion: list[Any] = []
+
+
 def parse_baselines(raw: Any, where: str, sources: list[tuple[str, str]], resolve: Callable[[str], str]
                     ) -> tuple[bool, tuple[FusionRecipe, ...], list[Problem]]:
     """A search space's ``baselines:`` value: ``true`` / ``false`` (the untuned default and each source
@@ -106,22 +114,14 @@ def parse_baselines(raw: Any, where: str, sources: list[tuple[str, str]], resolv
     if not isinstance(raw, dict):
         return True, (), [Problem(where, f"expected true, false or a mapping {{merges, fusion}}, got {raw!r}",
                                   "e.g. baselines: {merges: true, fusion: [{method: logit}, {method: panel}]}")]
-    problems = unknown_keys(raw, {"merges", "fusion"}, f"{where}.")
-    merges = raw.get("merges", True)
-    if not isinstance(merges, bool):
-        problems.append(Problem(f"{where}.merges", f"expected true or false, got {merges!r}"))
-    entries = raw.get("fusion", [])
-    if not isinstance(entries, list):
-        problems.append(Problem(f"{where}.fusion", f"expected a list of fusion entries, got {entries!r}",
-                                "e.g. fusion: [{method: logit}, {method: panel, judge: base}]"))
-        entries = []
+    section, problems = validated(Baselines, raw, where)  # the well-formed keys, when others are not
     named = dict(sources)
 
     def ref(value: Any) -> Any:
         return named.get(value) or resolve(value) if isinstance(value, str) and value else value
 
     out = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(section.fusion):
         at = f"{where}.fusion[{i}]"
         if not isinstance(entry, dict):
             problems.append(Problem(at, f"expected a mapping (method, models, ...), got {entry!r}"))
@@ -146,7 +146,7 @@ def parse_baselines(raw: Any, where: str, sources: list[tuple[str, str]], resolv
         if recipe is not None:
             problems += _missing_models(recipe, at)
             out.append(recipe)
-    return bool(merges) if isinstance(merges, bool) else True, tuple(out), problems
+    return section.merges, tuple(out), problems
 
 
 def _missing_models(recipe: FusionRecipe, where: str) -> list[Problem]:
