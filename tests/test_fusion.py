@@ -465,7 +465,7 @@ def _fusion_space(tmp_path, zoo, suite, **over) -> Path:
     import yaml
 
     space = {"name": "fb", "kind": "ps", "dtype": "float32",
-             "ps": {"sources": [{"name": "a", "model": zoo["a"]}, {"name": "b", "model": zoo["b"]}],
+             "ps": {"sources": [{"name": "sa", "model": zoo["a"]}, {"name": "sb", "model": zoo["b"]}],
                     "method": "linear", "params": {"weight": {"low": 0.1, "high": 1.0}}},
              "objectives": [{"metric": "combined"}, {"cost": "passes"}],
              "optimizer": {"name": "tpe", "seed": 0},
@@ -499,7 +499,8 @@ def test_fusion_baselines_are_scored_in_a_study_and_never_win(zoo, suite, tmp_pa
     study = optuna.load_study(study_name=meta.study_name("ps"), storage=meta.storage)
     trials = study.get_trials()
     fused = [t for t in trials if is_fusion(t.user_attrs.get("recipe", ""))]
-    assert [t.user_attrs["label"] for t in fused] == ["logit ensemble (a, b)", "panel + judge (a, b) judge c"]
+    # labelled by the space's source names; the judge, a folder, by its name
+    assert [t.user_attrs["label"] for t in fused] == ["logit ensemble (sa, sb)", "panel + judge (sa, sb) judge c"]
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["kind"] == "baseline" for t in fused)
     # the stored search score is the ensemble's score under the study's evaluator, by a separate run
     evaluator = make_evaluator({"kind": "suite", "suite": str(suite.path), "validation": 0.5, "dtype": "float32"})
@@ -517,7 +518,7 @@ def test_fusion_baselines_are_scored_in_a_study_and_never_win(zoo, suite, tmp_pa
     assert not any(n in split_records(study, "validation") for n in (t.number for t in fused))
     assert not is_fusion(best_by(study, list(open_study_space(out).objectives)).user_attrs["recipe"])
     md = (out / "selection.md").read_text()
-    assert "logit ensemble (a, b)" in md and "panel + judge (a, b) judge c" in md
+    assert "logit ensemble (sa, sb)" in md and "panel + judge (sa, sb) judge c" in md
     assert (out / "pareto.png").stat().st_size > 0
     # the study's space.yaml names the models by absolute path; a resume scores no baseline again
     stored = yaml.safe_load((out / "space.yaml").read_text())["baselines"]
@@ -537,7 +538,7 @@ def test_fusion_baselines_are_scored_in_a_study_and_never_win(zoo, suite, tmp_pa
 
 @pytest.mark.parametrize("over, says", [
     ({"evaluation": {"kind": "weights", "target": "T"}}, "suite and lmeval evaluators"),
-    ({"baselines": {"fusion": [{"method": "logit", "models": ["a", "nope"]}]}}, "nope"),
+    ({"baselines": {"fusion": [{"method": "logit", "models": ["sa", "nope"]}]}}, "nope"),
     ({"baselines": {"fusion": [{"method": "logit"}], "merge": True}}, "merge"),
 ])
 def test_fusion_baselines_problems_name_the_key(zoo, suite, tmp_path, capsys, over, says):

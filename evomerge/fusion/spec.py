@@ -254,16 +254,21 @@ class FusionRecipe(StrictModel):
             refs.append(self.judge)
         return list(dict.fromkeys(refs))
 
-    def label(self) -> str:
-        """A short name, e.g. ``logit ensemble (expert_arith, expert_cipher)``."""
+    def label(self, names: dict[str, str] | None = None) -> str:
+        """A short name, e.g. ``logit ensemble (expert_arith, expert_cipher)``; ``names``: what to call
+        a model reference (a search space's source names), else its folder's name."""
         what = {"logit": "logit ensemble", "panel": "panel + judge", "moa": "mixture-of-agents"}[self.method]
-        names = list(self.moa.agents) if self.moa is not None else [Path(m).name or m for m in self.models]
+
+        def name(ref: str) -> str:
+            return (names or {}).get(ref) or Path(ref).name or ref
+
+        members = list(self.moa.agents) if self.moa is not None else [name(m) for m in self.models]
         extra = ""
         if self.weights is not None:
             extra = " w=" + "/".join(f"{w:g}" for w in self.weights)
         if self.judge:
-            extra += f" judge {Path(self.judge).name or self.judge}"
-        return f"{what} ({', '.join(names)}){extra}"
+            extra += f" judge {name(self.judge)}"
+        return f"{what} ({', '.join(members)}){extra}"
 
 
 # --------------------------------------------------------------------------------------- parsing

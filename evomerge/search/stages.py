@@ -72,14 +72,20 @@ def baselines(space) -> list[tuple[str, Recipe | None, dict[str, Any] | None]]:
 
 
 def fusion_baselines(space: SearchSpace) -> list[tuple[str, Any]]:
-    """``(label, fusion recipe)`` of the space's fusion baselines (a label repeated gets ``#k``)."""
+    """``(label, fusion recipe)`` of the space's fusion baselines, models called by their source names
+    (a label repeated gets ``#k``)."""
+    named = {}
+    if space.ps is not None:
+        named = {ref: name for name, ref in space.ps.sources} | ({space.ps.base: "base"} if space.ps.base else {})
+    elif space.dfs is not None:
+        named = {ref: name for name, ref in space.dfs.models}
     out: list[tuple[str, Any]] = []
     for recipe in space.fusion_baselines:
-        label = recipe.label()
+        label = recipe.label(named)
         taken = {lab for lab, _ in out}
         k = 2
         while label in taken:
-            label, k = f"{recipe.label()} #{k}", k + 1
+            label, k = f"{recipe.label(named)} #{k}", k + 1
         out.append((label, recipe))
     return out
 
