@@ -445,8 +445,12 @@ def test_panel_on_a_vllm_engine_scores_as_on_hf():
     sources = load_sources(FusionRecipe(method="panel", models=experts), dtype="float32")
     vllm = make_backend("vllm", {})
     try:
-        on_vllm, cost_v = score_suite(sources, FusionBackend(vllm), demo, "held-out", limit=16)
-        assert vllm.stats()["engine_starts"] == 1 and vllm.stats()["loads"] == 6  # 3 answer, 3 judge
+        fused = FusionBackend(vllm)
+        on_vllm, cost_v = score_suite(sources, fused, demo, "held-out", limit=16)
+        # 3 answer; the judges run in reverse, the last member's weights still loaded: 2 more loads
+        assert vllm.stats()["engine_starts"] == 1 and vllm.stats()["loads"] == 5
+        score_suite(sources, fused, demo, "search", limit=2)  # starts with the member loaded last
+        assert vllm.stats()["loads"] == 9
         with pytest.raises(EvalError, match="backend hf"):
             score_suite(load_sources(FusionRecipe(method="logit", models=experts), dtype="float32"),
                         FusionBackend(vllm), demo, "held-out", limit=2)

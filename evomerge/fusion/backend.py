@@ -45,6 +45,7 @@ class FusionBackend:
         self.meter = CostMeter()
         self._static: dict[str, float] | None = None
         self._models = 0
+        self._held: tuple | None = None  # (ref, model, inner load count, LM) of the source loaded last
 
     @property
     def inner_name(self) -> str:
@@ -83,8 +84,19 @@ class FusionBackend:
         # the engine's context: the model's, or the max_model_len option when smaller
         limit = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 10**9
         option = (getattr(inner, "options", None) or {}).get("max_model_len")
-        return Member(ref, lambda: inner.lm(model, tok, batch_size=batch_size, device=device),
-                      sources.relative_size(ref), min(limit, int(option)) if option else limit)
+
+        def loaded():
+            """The member's LM, its weights loaded into the engine unless they are the ones loaded last
+            (nothing was loaded or started through the inner backend since: its counts have not
+            moved; a merge loaded in between, e.g. by the study's evaluator, moves them)."""
+            held, stamp = self._held, (inner.loads, inner.engine_starts)  # a restarted engine starts over
+            if held is not None and held[0] == ref and held[1] is model and held[2] == stamp:
+                return held[3]
+            lm = inner.lm(model, tok, batch_size=batch_size, device=device)
+            self._held = (ref, model, (inner.loads, inner.engine_starts), lm)
+            return lm
+
+        return Member(ref, loaded, sources.relative_size(ref), min(limit, int(option)) if option else limit)
 
     def cost(self) -> dict[str, float]:
         """The cost record of the candidate last scored: ``passes``, ``read``, ``calls``, ``models``."""
