@@ -582,3 +582,52 @@ def test_ctrl_c_at_any_moment_leaves_no_running_trial(tmp_path, world, monkeypat
     assert resume_search(out, progress=False).complete
     done = [t for t in search_trials(load(out)) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 8
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_that_the_evaluator_swallows_still_stops_the_search(tmp_path, world):
+    """SIGINT lands in code that catches every exception (here an evaluator with a bare ``except``
+    around its work; in the field a library's): the search still stops with KeyboardInterrupt at
+    the runner's next wait, and no trial stays RUNNING."""
+    import threading
+
+    from evomerge.evaluate.evaluators import WeightDistanceEvaluator
+    from evomerge.search.driver import start_search
+
+    fam, target, _ = world
+
+    class Swallowing(WeightDistanceEvaluator):
+        def evaluate(self, recipe, **kw):
+            while True:
+                try:
+                    time.sleep(0.3)
+                    return super().evaluate(recipe, **kw)
+                except BaseException:  # noqa: BLE001 - swallowed, and tried again: what the test is about
+                    continue
+
+    path = space_file(tmp_path / "s.yaml", fam, target, budget={"trials": 40})
+    out, main_id, sent = tmp_path / "study", threading.main_thread().ident, []
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in search_trials(load(out)))
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                continue
+            if n >= 3:
+                signal.pthread_kill(main_id, signal.SIGINT)
+                sent.append(n)
+                return
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_search(path, out, progress=False, evaluator_factory=lambda: Swallowing(target))
+    finally:
+        t.join()
+    states = [t.state for t in search_trials(load(out))]
+    assert sent and optuna.trial.TrialState.RUNNING not in states
+    assert 3 <= states.count(optuna.trial.TrialState.COMPLETE) < 40

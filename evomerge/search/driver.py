@@ -38,6 +38,7 @@ from evomerge.search.new_study import StartUndo, check_names_free, check_new_stu
 from evomerge.search.objectives import study_directions, study_metric_names
 from evomerge.search.paths import study_bases
 from evomerge.search.space import SearchSpace, load_space
+from evomerge.search.runner import CTRL_C
 from evomerge.search.stages import StudyRun
 from evomerge.search.study import (META_FILE, SPACE_FILE, StudyLock, StudyMeta, check_study_exists, create_or_load,
                                    default_storage, meta_text, normalize_storage_url, open_storage, read_meta,
@@ -197,17 +198,18 @@ def _run(study_dir, meta, space, executor, storage, probe, evaluator_factory, pr
     stages: dict[str, dict[str, Any]] = {}
     complete = False
     try:
-        for stage in meta.stages:
-            stages[stage] = run.run_stage(stage)
-            if stages[stage]["finished"] < stages[stage]["budget"]:
-                break
-        else:
-            complete = True
-        # the run ended (budget spent or timeout reached, not Ctrl-C or a crash): the fronts it has
-        # are re-scored on held-out now, so a timed overnight run reports held-out scores too; a
-        # resume re-scores only what joins the front later
-        for stage in stages:
-            run.rescore(stage)
+        with CTRL_C.watch():  # a Ctrl-C is never lost, even where a library swallows it
+            for stage in meta.stages:
+                stages[stage] = run.run_stage(stage)
+                if stages[stage]["finished"] < stages[stage]["budget"]:
+                    break
+            else:
+                complete = True
+            # the run ended (budget spent or timeout reached, not Ctrl-C or a crash): the fronts it
+            # has are re-scored on held-out now, so a timed overnight run reports held-out scores
+            # too; a resume re-scores only what joins the front later
+            for stage in stages:
+                run.rescore(stage)
     finally:
         run.close()
         if report:

@@ -34,7 +34,10 @@ running is raised; the driver then records those trials as interrupted (``abando
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -54,6 +57,45 @@ from evomerge.workers.base import CandidateJob, Executor, JobResult
 
 PENALTY = 1e12  # pycma fitness (minimized) of a failed candidate
 POLL = 5.0  # seconds between liveness checks of the executor while waiting for results
+
+
+class CtrlC:
+    """Ctrl-C during a run (:meth:`watch`, in the main thread): SIGINT still raises KeyboardInterrupt
+    where it lands, and also sets a flag that the runner's waits check, so an interrupt that lands in
+    code which swallows it (a library's bare ``except:``, a ``__del__``) still stops the run."""
+
+    def __init__(self):
+        self.pressed = threading.Event()
+
+    @contextlib.contextmanager
+    def watch(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            self.pressed.set()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        self.pressed.clear()
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.pressed.clear()
+
+    def raise_if_pressed(self) -> None:
+        if self.pressed.is_set():
+            self.pressed.clear()
+            raise KeyboardInterrupt
+
+
+CTRL_C = CtrlC()
 
 
 @dataclass
@@ -220,12 +262,18 @@ class StageRunner:
     def _wait(self, running: dict[Future, Candidate]) -> list[Future]:
         """The futures of ``running`` that are done (at least one; interrupted ones last, so the
         results that did come in are recorded first); between polls the executor's ``check()``
-        raises :class:`RunInterrupted` when it can no longer run them."""
+        raises :class:`RunInterrupted` when it can no longer run them, and a Ctrl-C that code it
+        landed in swallowed (:data:`CTRL_C`) is raised again."""
         check = getattr(self.executor, "check", None)
+        next_check = time.monotonic() + POLL
         while True:
-            done, _ = wait(list(running), timeout=POLL, return_when=FIRST_COMPLETED)
+            CTRL_C.raise_if_pressed()
+            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
             if done:
                 return sorted(done, key=lambda f: not f.cancelled() and isinstance(f.exception(), RunInterrupted))
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + POLL
             if check is not None:
                 try:
                     check()

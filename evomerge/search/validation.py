@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.search import selection as S
 from evomerge.search.objectives import Objective, utility
+from evomerge.search.runner import CTRL_C
 from evomerge.search.study import finished, get_attr, records, set_attr
 from evomerge.workers.base import CandidateJob, JobResult
 
@@ -63,6 +64,7 @@ def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
             n = pending.pop(0)
             job = CandidateJob(n, recipes[n], split)
             running[score_here(fused_on, job) if is_fusion(recipes[n]) else executor.submit(job)] = n
+        CTRL_C.raise_if_pressed()
         done, _ = wait(list(running), timeout=POLL, return_when=FIRST_COMPLETED)
         if not done and getattr(executor, "check", None) is not None:
             executor.check()  # RunInterrupted when the workers are gone (what is stored stays)
