@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from test_search_support import family, write_space
+from test_search_support import family, write_space, write_suite
 
 from evomerge.evaluate.engine import Scorer
 from evomerge.evaluate.suite import Suite, load_suite
@@ -28,20 +28,15 @@ from evomerge.search.validation import split_records
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection_world")
     fam = family(root / "fam", n_experts=2, noise=0.05)
-    data = root / "data"
-    data.mkdir()
-    for split, off in (("search", 0), ("held-out", 100)):
-        with open(data / f"ll.{split}.jsonl", "w") as fh:
-            fh.writelines(json.dumps({"prompt": f"a{i + off}:", "target": f"{(i + off) * 7 % 13}"}) + "\n" for i in range(24))
-        with open(data / f"mc.{split}.jsonl", "w") as fh:
-            fh.writelines(json.dumps({"prompt": f"m{i + off}", "choices": ["x", "yy", "z"], "label": i % 3}) + "\n" for i in range(16))
-    suite = root / "suite.yaml"
-    suite.write_text(yaml.safe_dump({"name": "tiny", "tasks": [
+    offsets = {"search": 0, "held-out": 100}
+    suite = write_suite(root, [
         {"name": "ll", "kind": "loglik", "weight": 2.0,
-         "data": {"search": "data/ll.search.jsonl", "held-out": "data/ll.held-out.jsonl"}},
+         "rows": {s: [{"prompt": f"a{i + o}:", "target": f"{(i + o) * 7 % 13}"} for i in range(24)]
+                  for s, o in offsets.items()}},
         {"name": "mc", "kind": "multiple_choice",
-         "data": {"search": "data/mc.search.jsonl", "held-out": "data/mc.held-out.jsonl"}}]}))
-    return fam, str(suite)
+         "rows": {s: [{"prompt": f"m{i + o}", "choices": ["x", "yy", "z"], "label": i % 3} for i in range(16)]
+                  for s, o in offsets.items()}}])
+    return fam, suite
 
 
 def test_items_that_repeat_a_question_are_carved_to_one_side():

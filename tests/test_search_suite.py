@@ -3,10 +3,8 @@ the real scoring engine, consistently with scoring the checkpoint loaded from di
 
 from __future__ import annotations
 
-import json
 
 import pytest
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.engine import Scorer
@@ -14,28 +12,20 @@ from evomerge.evaluate.suite import load_suite
 from evomerge.recipe import DataFlowRecipe, PathStep, parse_recipe
 from evomerge.search import start_search
 from evomerge.evaluate.evaluators import make_evaluator
-from test_search_support import family, write_space
+from test_search_support import family, write_space, write_suite
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite_world")
     fam = family(root / "fam", n_experts=2, noise=0.05)
-    data = root / "data"
-    data.mkdir()
-    for split, off in (("search", 0), ("held-out", 50)):
-        with open(data / f"ll.{split}.jsonl", "w") as fh:
-            for i in range(8):
-                fh.write(json.dumps({"prompt": f"a{i + off}:", "target": f"{i + off}"}) + "\n")
-        with open(data / f"gen.{split}.jsonl", "w") as fh:
-            for i in range(4):
-                fh.write(json.dumps({"prompt": f"q{i + off}=", "answer": f"{i}"}) + "\n")
-    suite = root / "suite.yaml"
-    suite.write_text(yaml.safe_dump({"name": "tiny", "tasks": [
-        {"name": "ll", "kind": "loglik", "data": {"search": "data/ll.search.jsonl", "held-out": "data/ll.held-out.jsonl"}},
+    offsets = {"search": 0, "held-out": 50}
+    suite = write_suite(root, [
+        {"name": "ll", "kind": "loglik",
+         "rows": {s: [{"prompt": f"a{i + o}:", "target": f"{i + o}"} for i in range(8)] for s, o in offsets.items()}},
         {"name": "gen", "kind": "generate", "max_new_tokens": 3,
-         "data": {"search": "data/gen.search.jsonl", "held-out": "data/gen.held-out.jsonl"}}]}))
-    return fam, str(suite)
+         "rows": {s: [{"prompt": f"q{i + o}=", "answer": f"{i}"} for i in range(4)] for s, o in offsets.items()}}])
+    return fam, suite
 
 
 def test_suite_evaluator_matches_scoring_the_checkpoint(world):

@@ -51,3 +51,23 @@ def ps_space(fam: dict[str, str], target: str, **over) -> dict:
 def write_space(path: Path, space: dict) -> Path:
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
+
+
+def write_suite(root: Path, tasks: list[dict], name: str = "tiny") -> str:
+    """A suite under ``root``: each task mapping's ``rows`` ({split: [record, ...]}) written to
+    ``data/<task>.<split>.jsonl``, the rest of the mapping kept as the task's entry; returns the
+    suite file's path."""
+    import json
+
+    (root / "data").mkdir(exist_ok=True)
+    entries = []
+    for task in tasks:
+        task = dict(task)
+        files = {}
+        for split, rows in task.pop("rows").items():
+            files[split] = f"data/{task['name']}.{split}.jsonl"
+            (root / files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        entries.append({**task, "data": files})
+    suite = root / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": name, "tasks": entries}, sort_keys=False))
+    return str(suite)

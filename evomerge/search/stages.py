@@ -100,8 +100,10 @@ class StudyRun:
         self.probe = probe
         make = evaluator_factory or (lambda: make_evaluator(space.evaluation, source=f"{space.source}: evaluation"))
         pool = [probe]  # the evaluator built to check the space is the first one used
-        self.executor = executor or InProcessExecutor(lambda: pool.pop() if pool else make(),
-                                                               workers=meta.workers)
+        from evomerge.search.validation import FusionInDriver
+
+        self.executor = FusionInDriver(executor or InProcessExecutor(lambda: pool.pop() if pool else make(),
+                                                                     workers=meta.workers), probe)
         self._own_executor = executor is None or own_executor
 
     def time_left(self) -> bool:
@@ -227,16 +229,19 @@ class StudyRun:
             set_attr(study, "retried", sorted(retried))
 
     def run_baselines(self, runner: StageRunner) -> None:
-        """Score the stage's baselines not scored yet: the fusion baselines first, in this process
-        (:func:`evomerge.search.validation.score_here`), then the merge baselines on the workers."""
-        study = runner.study
-        have = {t.user_attrs.get("label") for t in finished(study, kind="baseline")}
-        self.run_fusion_baselines(runner, have)
-        if not self.space.baselines:
-            return
-        todo = [(label, recipe, params) for label, recipe, params in baselines(runner.space) if label not in have]
+        """Score the stage's baselines not scored yet: the fusion baselines (in the study's last
+        stage, scored in this process: :class:`~evomerge.search.validation.FusionInDriver`) first,
+        then the merge baselines on the workers. Baselines do not count toward the budget."""
+        have = {t.user_attrs.get("label") for t in finished(runner.study, kind="baseline")}
+        todo: list[tuple[str, Any, dict[str, Any] | None]] = []
+        if runner.stage == self.space.stages()[-1]:  # once, in the stage whose front the report shows
+            todo += [(label, recipe, None) for label, recipe in fusion_baselines(self.space)]
+        if self.space.baselines:
+            todo += baselines(runner.space)
         cands = []
         for label, recipe, params in todo:
+            if label in have:
+                continue
             number = runner.records.new_trial(params=params or {}, distributions=runner.dists,
                                               user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
                                                           "recipe": recipe_to_yaml(recipe)})
@@ -244,34 +249,11 @@ class StudyRun:
             runner.live[number] = cand
             cands.append(cand)
         saved = runner.on_finish
-        runner.on_finish = lambda c: None  # baselines do not count toward the budget
+        runner.on_finish = lambda c: None
         try:
             runner.run_batch(cands)
         finally:
             runner.on_finish = saved
-
-    def run_fusion_baselines(self, runner: StageRunner, have: set[str]) -> None:
-        from evomerge.search.validation import score_here
-        from evomerge.workers.base import CandidateJob
-
-        if runner.stage != self.space.stages()[-1]:
-            return  # scored once, in the stage whose front the study's report shows
-        for label, recipe in fusion_baselines(self.space):
-            if label in have:
-                continue
-            number = runner.records.new_trial(params={}, distributions=runner.dists,
-                                              user_attrs={"kind": "baseline", "label": label, "stage": runner.stage,
-                                                          "recipe": recipe_to_yaml(recipe)})
-            cand = Candidate(number, recipe, {}, rung=len(runner.rungs) - 1)
-            runner.live[number] = cand
-            res = score_here(self.probe, CandidateJob((number, cand.rung), recipe, "search",
-                                                      limit=self.meta.limit)).result()
-            saved = runner.on_finish
-            runner.on_finish = lambda c: None  # baselines do not count toward the budget
-            try:
-                runner.record(cand, res)
-            finally:
-                runner.on_finish = saved
 
     def select(self, stage: str) -> dict[str, Any] | None:
         """Name the stage's winner on the validation sample (:mod:`evomerge.search.validation`)."""
@@ -295,7 +277,7 @@ class StudyRun:
         # each result is stored as soon as it is in (a killed re-score keeps what it finished, and
         # the next resume or rescore scores only the rest)
         return score_trials(self.executor, study, todo, "held-out",
-                            lambda outcome, trial: stored_trial_values(objs, outcome, trial), fused_on=self.probe)
+                            lambda outcome, trial: stored_trial_values(objs, outcome, trial))
 
     def close(self) -> None:
         if self._own_executor:

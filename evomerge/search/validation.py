@@ -27,7 +27,7 @@ from evomerge.search import selection as S
 from evomerge.search.objectives import Objective, utility
 from evomerge.search.runner import CTRL_C
 from evomerge.search.study import finished, get_attr, records, set_attr
-from evomerge.workers.base import CandidateJob, JobResult
+from evomerge.workers.base import CandidateJob
 
 VALIDATION = "validation"
 SELECTION = "selection"
@@ -46,12 +46,12 @@ def record_kind(split: str) -> str:
 
 
 def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
-                 values: Callable[[Any, FrozenTrial], dict[str, float]], *, fused_on=None) -> int:
+                 values: Callable[[Any, FrozenTrial], dict[str, float]]) -> int:
     """Score the stored recipes of ``trials`` on ``split`` through ``executor``, storing each record
     as soon as it is in (a killed re-score keeps what it finished); at most ``capacity`` jobs in
-    flight. ``values(outcome, trial)``: the record's objective values (a KeyError is recorded as its
-    error). Fusion candidates are scored first, in this process, by ``fused_on`` (the driver's
-    evaluator: :func:`score_here`), before any job is sent. Returns how many were scored."""
+    flight, fusion candidates first (:class:`FusionInDriver` scores them before any job is sent).
+    ``values(outcome, trial)``: the record's objective values (a KeyError is recorded as its error).
+    Returns how many were scored."""
     from evomerge.fusion.study import is_fusion, parse_candidate
 
     prefix = record_kind(split) + ":"
@@ -62,8 +62,7 @@ def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
     while pending or running:
         while pending and len(running) < max(1, int(getattr(executor, "capacity", 1))):
             n = pending.pop(0)
-            job = CandidateJob(n, recipes[n], split)
-            running[score_here(fused_on, job) if is_fusion(recipes[n]) else executor.submit(job)] = n
+            running[executor.submit(CandidateJob(n, recipes[n], split))] = n
         CTRL_C.raise_if_pressed()
         done, _ = wait(list(running), timeout=POLL, return_when=FIRST_COMPLETED)
         if not done and getattr(executor, "check", None) is not None:
@@ -82,20 +81,31 @@ def score_trials(executor, study, trials: dict[int, FrozenTrial], split: str,
     return len(trials)
 
 
-def score_here(evaluator, job: CandidateJob) -> Future:
-    """A finished future of ``job`` (a fusion candidate) scored in this process by ``evaluator``
-    (:class:`~evomerge.fusion.study.FusionAware`): a worker's evaluator materializes merges, and the
-    sources of an ensemble are loaded where it is scored."""
-    from evomerge.fusion.study import FusionAware
-    from evomerge.workers.base import run_job
+class FusionInDriver:
+    """A study's executor with fusion candidates scored in this process by ``evaluator`` (the
+    driver's, wrapped in :class:`~evomerge.fusion.study.FusionAware`), as finished futures: a
+    worker's evaluator keeps one merge resident and materializes candidates into it, while an
+    ensemble loads its own sources where it is scored. Everything else (merges, ``capacity``,
+    ``check``, ``shutdown``) is the wrapped executor's. Callers submit fusion jobs before merge
+    jobs, so the driver's evaluator never scores one while a worker thread uses it."""
 
-    fut: Future = Future()
-    if evaluator is None:
-        fut.set_result(JobResult(job.key, None, "a fusion candidate is scored by the driver's evaluator, and none "
-                                 "was given", 0.0, "driver"))
-    else:
-        fut.set_result(run_job(FusionAware(evaluator), job))
-    return fut
+    def __init__(self, executor, evaluator):
+        self.inner, self.evaluator = executor, evaluator
+
+    def __getattr__(self, name: str):
+        if name in ("inner", "evaluator"):  # not set yet
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def submit(self, job: CandidateJob) -> Future:
+        from evomerge.fusion.study import FusionAware, is_fusion
+        from evomerge.workers.base import run_job
+
+        if not is_fusion(job.recipe):
+            return self.inner.submit(job)
+        fut: Future = Future()
+        fut.set_result(run_job(FusionAware(self.evaluator), job))
+        return fut
 
 
 def has_validation(evaluator) -> bool:
@@ -171,7 +181,7 @@ def select_winner(run, stage: str, study) -> dict[str, Any] | None:
             def values(outcome, trial):
                 return stored_trial_values(objectives, outcome, trial)
 
-            score_trials(run.executor, study, todo, VALIDATION, values, fused_on=run.probe)
+            score_trials(run.executor, study, todo, VALIDATION, values)
         ents, coefs = entries(study, objectives, members, VALIDATION)
         if coefs is None:
             choice = S.choose([S.Entry(e.number, e.label, e.search, None) for e in ents], {}).to_dict()
